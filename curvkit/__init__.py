@@ -1,0 +1,21 @@
+"""curvkit: matrix-free curvature of neural-network losses."""
+
+from curvkit.estimators import Estimate
+from curvkit.functional import hessian_block_row_sums, hessian_row_sum, hvp
+from curvkit.linop import DenseOperator, IdentityOperator, LinearOperator, as_operator
+from curvkit.operators import CurvatureOperator, HessianOperator
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CurvatureOperator",
+    "DenseOperator",
+    "Estimate",
+    "HessianOperator",
+    "IdentityOperator",
+    "LinearOperator",
+    "as_operator",
+    "hessian_block_row_sums",
+    "hessian_row_sum",
+    "hvp",
+]

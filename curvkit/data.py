@@ -1,0 +1,132 @@
+"""Batches for curvature operators: one ``(X, y)`` pair or any re-iterable of pairs.
+
+The operator over several batches must equal the one over their concatenation. For a
+mean-reduced loss that means weighting batch ``b`` by ``N_b / N`` (``N_b`` its number of
+samples, the first dimension of ``y``); for a sum-reduced loss every weight is 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["Batches", "batch_size_of", "loss_reduction"]
+
+
+def _is_single_batch(data: Any) -> bool:
+    return (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and isinstance(data[1], Tensor)
+        and not isinstance(data[0], (tuple, list))
+    )
+
+
+def batch_size_of(y: Tensor) -> int:
+    """Number of samples in a batch: the first dimension of the targets."""
+    if not isinstance(y, Tensor) or y.ndim == 0:
+        raise ValueError(
+            "targets y must be a tensor whose first dimension counts the samples; "
+            f"got {type(y).__name__} with shape {getattr(y, 'shape', None)}"
+        )
+    return int(y.shape[0])
+
+
+def loss_reduction(loss_fn: Any, reduction: str | None) -> str:
+    """The loss's reduction (``"mean"`` or ``"sum"``), from the argument or ``loss_fn.reduction``."""
+    found = reduction if reduction is not None else getattr(loss_fn, "reduction", None)
+    if found is None:
+        raise ValueError(
+            "cannot tell how the loss reduces over samples: loss_fn has no `reduction` "
+            "attribute. Pass reduction='mean' or reduction='sum' to the operator."
+        )
+    if found not in ("mean", "sum"):
+        raise ValueError(
+            f"loss reduction {found!r} is not supported: the loss must be a scalar averaged "
+            "('mean') or summed ('sum') over samples"
+        )
+    return found
+
+
+@dataclass
+class Batches:
+    """A re-iterable view of the data, with each batch's weight in the total loss.
+
+    Args:
+        data: one ``(X, y)`` batch, or an iterable of batches that can be iterated more than
+            once (a list, a ``DataLoader``). A one-shot iterator (a generator) is rejected:
+            every product has to see the same data again.
+        reduction: ``"mean"`` or ``"sum"``.
+    """
+
+    data: Any
+    reduction: str
+
+    def __post_init__(self) -> None:
+        if _is_single_batch(self.data):
+            self._source: Iterable = [tuple(self.data)]
+        elif isinstance(self.data, Iterator):
+            raise TypeError(
+                "data is a one-shot iterator (e.g. a generator); curvature products pass "
+                "over the data many times. Pass a list of (X, y) batches or a DataLoader."
+            )
+        elif isinstance(self.data, Iterable):
+            self._source = self.data
+        else:
+            raise TypeError(
+                "data must be one (X, y) batch or an iterable of (X, y) batches, "
+                f"got {type(self.data).__name__}"
+            )
+        self.sizes = [batch_size_of(self._unpack(b)[1]) for b in self._source]
+        if not self.sizes:
+            raise ValueError("data is empty: the operator needs at least one (X, y) batch")
+        self.num_samples = sum(self.sizes)
+        if self.num_samples == 0:
+            raise ValueError("data holds no samples (all batches have size 0)")
+
+    @staticmethod
+    def _unpack(batch: Any) -> tuple[Any, Tensor]:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError(
+                f"each batch must be an (X, y) pair, got {type(batch).__name__}"
+                + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+            )
+        return batch[0], batch[1]
+
+    def first(self) -> tuple[Any, Tensor]:
+        return self._unpack(next(iter(self._source)))
+
+    def __iter__(self) -> Iterator[tuple[Any, Tensor, float]]:
+        """Yield ``(X, y, weight)``; weights sum to 1 for ``mean`` reduction."""
+        count = 0
+        for batch in self._source:
+            X, y = self._unpack(batch)
+            n = batch_size_of(y)
+            weight = n / self.num_samples if self.reduction == "mean" else 1.0
+            count += n
+            yield X, y, weight
+        if count != self.num_samples:
+            raise RuntimeError(
+                f"the data changed between passes ({count} samples now, {self.num_samples} "
+                "at construction); a DataLoader with drop_last and shuffling can do this"
+            )
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+
+def move_to(x: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """Move a tensor (or a tuple/list/dict of them) to ``device``; floats cast to ``dtype``."""
+    if isinstance(x, Tensor):
+        if dtype is not None and x.is_floating_point():
+            return x.to(device=device, dtype=dtype)
+        return x.to(device=device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(move_to(t, device, dtype) for t in x)
+    if isinstance(x, dict):
+        return {k: move_to(v, device, dtype) for k, v in x.items()}
+    return x

@@ -1,0 +1,6 @@
+"""Curvature operators built from ``(model, loss_fn, data)``."""
+
+from curvkit.operators.base import CurvatureOperator
+from curvkit.operators.hessian import HessianOperator
+
+__all__ = ["CurvatureOperator", "HessianOperator"]

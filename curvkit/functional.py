@@ -85,6 +85,8 @@ def hessian_block_row_sums(f: Tensor, params: Sequence[Tensor]) -> tuple[Tensor,
         grads = gradient(f, params, create_graph=True)
         out = []
         for i, p in enumerate(params):
-            probe = [torch.ones_like(q) if j == i else torch.zeros_like(q) for j, q in enumerate(params)]
+            probe = [
+                torch.ones_like(q) if j == i else torch.zeros_like(q) for j, q in enumerate(params)
+            ]
             out.append(second_backward(grads, params, probe)[i].detach())
     return tuple(out)

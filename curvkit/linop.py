@@ -41,14 +41,9 @@ def unflatten_vector(vector: Tensor, shapes: Sequence[torch.Size]) -> list[Tenso
     """
     sizes = [int(np.prod(s)) for s in shapes]
     if vector.shape[0] != sum(sizes):
-        raise ValueError(
-            f"vector has {vector.shape[0]} entries but the shapes hold {sum(sizes)}"
-        )
+        raise ValueError(f"vector has {vector.shape[0]} entries but the shapes hold {sum(sizes)}")
     trailing = tuple(vector.shape[1:])
-    return [
-        piece.reshape(*shape, *trailing)
-        for piece, shape in zip(vector.split(sizes), shapes)
-    ]
+    return [piece.reshape(*shape, *trailing) for piece, shape in zip(vector.split(sizes), shapes)]
 
 
 class LinearOperator:
@@ -90,7 +85,9 @@ class LinearOperator:
         if self.param_shapes is not None:
             total = sum(int(np.prod(s)) for s in self.param_shapes)
             if total != self.shape[1]:
-                raise ValueError(f"param_shapes hold {total} entries, operator has {self.shape[1]} columns")
+                raise ValueError(
+                    f"param_shapes hold {total} entries, operator has {self.shape[1]} columns"
+                )
 
     # ------------------------------------------------------------------ to implement
     def _matmat(self, V: Tensor) -> Tensor:
@@ -263,14 +260,14 @@ class DenseOperator(LinearOperator):
     Symmetry is checked (to a relative 1e-12 for float64, 1e-5 otherwise) unless declared.
     """
 
-    def __init__(
-        self, matrix: Tensor, *, symmetric: bool | None = None, psd: bool = False
-    ) -> None:
+    def __init__(self, matrix: Tensor, *, symmetric: bool | None = None, psd: bool = False) -> None:
         if not isinstance(matrix, Tensor) or matrix.ndim != 2:
             raise ValueError("DenseOperator needs a 2-D torch.Tensor")
         if symmetric is None:
             symmetric = matrix.shape[0] == matrix.shape[1] and _is_symmetric(matrix)
-        super().__init__(tuple(matrix.shape), matrix.dtype, matrix.device, symmetric=symmetric, psd=psd)
+        super().__init__(
+            tuple(matrix.shape), matrix.dtype, matrix.device, symmetric=symmetric, psd=psd
+        )
         self.matrix = matrix
 
     def _matmat(self, V: Tensor) -> Tensor:
@@ -313,11 +310,17 @@ class _SumOperator(LinearOperator):
                 )
         symmetric = all(op.is_symmetric for op in operators)
         psd = all(op.is_psd for op in operators) and all(c >= 0 for c in coefficients)
-        param_shapes = first.param_shapes if all(
-            op.param_shapes == first.param_shapes for op in operators
-        ) else None
+        param_shapes = (
+            first.param_shapes
+            if all(op.param_shapes == first.param_shapes for op in operators)
+            else None
+        )
         super().__init__(
-            first.shape, first.dtype, first.device, symmetric=symmetric, psd=psd,
+            first.shape,
+            first.dtype,
+            first.device,
+            symmetric=symmetric,
+            psd=psd,
             param_shapes=param_shapes,
         )
         self.operators = operators
@@ -341,7 +344,9 @@ class _ProductOperator(LinearOperator):
                 f"cannot compose operators on {left.dtype}/{left.device} and {right.dtype}/{right.device}"
             )
         super().__init__(
-            (left.shape[0], right.shape[1]), left.dtype, left.device,
+            (left.shape[0], right.shape[1]),
+            left.dtype,
+            left.device,
             param_shapes=right.param_shapes,
         )
         self.left, self.right = left, right

@@ -28,9 +28,7 @@ class SequenceCrossEntropy(nn.Module):
         self.reduction = reduction
 
     def forward(self, out: Tensor, y: Tensor) -> Tensor:
-        return nn.functional.cross_entropy(
-            out.flatten(0, 1), y.flatten(), reduction=self.reduction
-        )
+        return nn.functional.cross_entropy(out.flatten(0, 1), y.flatten(), reduction=self.reduction)
 
 
 class TinyTransformer(nn.Module):
@@ -55,11 +53,15 @@ class TinyTransformer(nn.Module):
 
 
 def _classification(n: int, d_in: int, classes: int, g: torch.Generator):
-    return torch.randn(n, d_in, generator=g, dtype=DTYPE), torch.randint(0, classes, (n,), generator=g)
+    return torch.randn(n, d_in, generator=g, dtype=DTYPE), torch.randint(
+        0, classes, (n,), generator=g
+    )
 
 
 def _regression(n: int, d_in: int, d_out: int, g: torch.Generator):
-    return torch.randn(n, d_in, generator=g, dtype=DTYPE), torch.randn(n, d_out, generator=g, dtype=DTYPE)
+    return torch.randn(n, d_in, generator=g, dtype=DTYPE), torch.randn(
+        n, d_out, generator=g, dtype=DTYPE
+    )
 
 
 @dataclass
@@ -92,7 +94,9 @@ def _make_model(kind: str, g_seed: int) -> tuple[nn.Module, str]:
     if kind == "mlp-tanh":
         return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)), "vector"
     if kind == "mlp-relu":
-        return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)), "vector"
+        return nn.Sequential(
+            nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)
+        ), "vector"
     if kind == "cnn":
         return nn.Sequential(
             nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2 * 2 * 2, 3)

@@ -66,8 +66,13 @@ class Estimate:
 
     def to(self, *args, **kwargs) -> Estimate:
         return Estimate(
-            self.value.to(*args, **kwargs), self.stderr.to(*args, **kwargs), self.num_matvecs,
-            self.method, self.dof, self.num_backward, dict(self.info),
+            self.value.to(*args, **kwargs),
+            self.stderr.to(*args, **kwargs),
+            self.num_matvecs,
+            self.method,
+            self.dof,
+            self.num_backward,
+            dict(self.info),
         )
 
 

@@ -52,8 +52,12 @@ class HessianOperator(CurvatureOperator):
         if max_probes_per_chunk < 1:
             raise ValueError("max_probes_per_chunk must be at least 1")
         super().__init__(
-            model, loss_fn, data, params,
-            reduction=reduction, check_deterministic=check_deterministic,
+            model,
+            loss_fn,
+            data,
+            params,
+            reduction=reduction,
+            check_deterministic=check_deterministic,
         )
         self.requested_backend = backend
         self.backend = "double-backward" if backend == "auto" else backend
@@ -83,8 +87,16 @@ class HessianOperator(CurvatureOperator):
 
     def _run_backend(self, X, y, weight: float, probes: list[Tensor]) -> list[Tensor]:
         return batch_hvp(
-            self.model, self.loss_fn, X, y, weight, self.params, self.param_names,
-            probes, self.backend, self.max_probes_per_chunk,
+            self.model,
+            self.loss_fn,
+            X,
+            y,
+            weight,
+            self.params,
+            self.param_names,
+            probes,
+            self.backend,
+            self.max_probes_per_chunk,
         )
 
     def block_row_sums(self) -> list[Tensor]:

@@ -37,7 +37,7 @@ def batch_size_of(y: Tensor) -> int:
 
 
 def loss_reduction(loss_fn: Any, reduction: str | None) -> str:
-    """The loss's reduction (``"mean"`` or ``"sum"``), from the argument or ``loss_fn.reduction``."""
+    """The loss's reduction, ``"mean"`` or ``"sum"``: the argument, else ``loss_fn.reduction``."""
     found = reduction if reduction is not None else getattr(loss_fn, "reduction", None)
     if found is None:
         raise ValueError(

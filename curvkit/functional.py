@@ -84,7 +84,7 @@ def hessian_block_row_sums(f: Tensor, params: Sequence[Tensor]) -> tuple[Tensor,
     with torch.enable_grad():
         grads = gradient(f, params, create_graph=True)
         out = []
-        for i, p in enumerate(params):
+        for i in range(len(params)):
             probe = [
                 torch.ones_like(q) if j == i else torch.zeros_like(q) for j, q in enumerate(params)
             ]

@@ -306,7 +306,8 @@ class _SumOperator(LinearOperator):
                 raise ValueError(f"cannot add operators of shapes {first.shape} and {op.shape}")
             if op.dtype != first.dtype or op.device != first.device:
                 raise ValueError(
-                    f"cannot add operators on {first.dtype}/{first.device} and {op.dtype}/{op.device}"
+                    f"cannot add operators on {first.dtype}/{first.device} and "
+                    f"{op.dtype}/{op.device}"
                 )
         symmetric = all(op.is_symmetric for op in operators)
         psd = all(op.is_psd for op in operators) and all(c >= 0 for c in coefficients)
@@ -341,7 +342,8 @@ class _ProductOperator(LinearOperator):
             raise ValueError(f"cannot compose operators of shapes {left.shape} and {right.shape}")
         if left.dtype != right.dtype or left.device != right.device:
             raise ValueError(
-                f"cannot compose operators on {left.dtype}/{left.device} and {right.dtype}/{right.device}"
+                f"cannot compose operators on {left.dtype}/{left.device} and "
+                f"{right.dtype}/{right.device}"
             )
         super().__init__(
             (left.shape[0], right.shape[1]),

@@ -1,0 +1,100 @@
+"""Bad input to curvature operators gets a clear error naming the problem and the fix."""
+
+import pytest
+import torch
+from torch import nn
+
+import curvkit as ck
+
+
+@pytest.fixture
+def setup():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    X, y = torch.randn(5, 3), torch.randn(5, 2)
+    return model, nn.MSELoss(), (X, y)
+
+
+def test_params_that_do_not_require_grad(setup):
+    model, loss, data = setup
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="does not require grad"):
+        ck.HessianOperator(model, loss, data, params=[model[0].weight])
+    H = ck.HessianOperator(model, loss, data)  # default: only those that require grad
+    assert H.shape[0] == sum(p.numel() for p in model.parameters()) - 12
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameters that require grad"):
+        ck.HessianOperator(model, loss, data)
+
+
+def test_foreign_parameter(setup):
+    model, loss, data = setup
+    with pytest.raises(ValueError, match="not a parameter of the model"):
+        ck.HessianOperator(model, loss, data, params=[torch.zeros(2, requires_grad=True)])
+
+
+def test_shape_mismatch_of_probe(setup):
+    H = ck.HessianOperator(*setup)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        H @ torch.zeros(H.shape[0] + 1)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        H @ [torch.zeros(1)]
+
+
+def test_nan_loss(setup):
+    model, loss, (X, y) = setup
+    X = X.clone()
+    X[0, 0] = float("nan")
+    H = ck.HessianOperator(model, loss, (X, y), check_deterministic=False)
+    with pytest.raises(FloatingPointError, match="loss is not finite"):
+        H @ torch.ones(H.shape[0])
+
+
+def test_inf_in_product(setup):
+    model, loss, data = setup
+    H = ck.HessianOperator(model, loss, data)
+    with pytest.raises(FloatingPointError, match="product is not finite"):
+        H @ torch.full((H.shape[0],), float("inf"))
+
+
+def test_empty_and_one_shot_data(setup):
+    model, loss, data = setup
+    with pytest.raises(ValueError, match="data is empty"):
+        ck.HessianOperator(model, loss, [])
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        ck.HessianOperator(model, loss, (b for b in [data]))
+    with pytest.raises(ValueError, match=r"\(X, y\) pair"):
+        ck.HessianOperator(model, loss, [(data[0],)])
+
+
+def test_dropout_in_train_mode_is_detected(setup):
+    _, loss, data = setup
+    model = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.5), nn.Linear(8, 2))
+    with pytest.raises(RuntimeError, match=r"dropout.*model\.eval\(\).*check_deterministic=False"):
+        ck.HessianOperator(model, loss, data)
+    rng = torch.get_rng_state()
+    H = ck.HessianOperator(model, loss, data, check_deterministic=False)
+    assert torch.equal(torch.get_rng_state(), rng)
+    model.eval()
+    H = ck.HessianOperator(model, loss, data)
+    assert torch.isfinite(H.row_sum()).all()
+
+
+def test_loss_without_reduction(setup):
+    model, _, data = setup
+
+    def loss(out, y):
+        return ((out - y) ** 2).mean()
+
+    with pytest.raises(ValueError, match="reduction='mean' or reduction='sum'"):
+        ck.HessianOperator(model, loss, data)
+    H = ck.HessianOperator(model, loss, data, reduction="mean")
+    torch.testing.assert_close(H.row_sum(), ck.HessianOperator(model, nn.MSELoss(), data).row_sum())
+    with pytest.raises(ValueError, match="not supported"):
+        ck.HessianOperator(model, nn.MSELoss(reduction="none"), data)
+
+
+def test_unknown_backend(setup):
+    with pytest.raises(ValueError, match="unknown backend"):
+        ck.HessianOperator(*setup, backend="magic")

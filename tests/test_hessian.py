@@ -177,3 +177,17 @@ def test_attention_through_fused_kernel_path():
     H = ck.HessianOperator(model, nn.MSELoss(), (X, y))
     out = H.row_sum()
     assert torch.isfinite(out).all() and out.abs().sum() > 0
+
+
+def test_k_probes_share_one_forward_pass_per_batch():
+    case = make_case("mlp-tanh", "mse-sum", [3, 5, 2])
+    calls = []
+    handle = case.model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        H = ck.HessianOperator(case.model, case.loss_fn, case.data)
+        H @ _probes(H.shape[0], K=2)  # lets backend="auto" settle its choice first
+        calls.clear()
+        H @ _probes(H.shape[0], K=8)
+    finally:
+        handle.remove()
+    assert len(calls) == len(case.batches)

@@ -14,7 +14,105 @@ def _build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="row-sum examples and a curvature summary of a small net")
     demo.add_argument("--seed", type=int, default=0)
+
+    sweep = sub.add_parser(
+        "sweep",
+        help="run (or resume) an experiment grid from a TOML config; ends with the figures",
+        description="Run an architecture x batch-size x seed x checkpoint sweep. Finished "
+        "points are written as they complete; a rerun skips them.",
+    )
+    sweep.add_argument(
+        "config",
+        help="TOML config file, or the name of one in the repository's experiments/configs/ "
+        "(e.g. 'default')",
+    )
+    sweep.add_argument("--output", "-o", help="results folder (default: results/<config name>)")
+    sweep.add_argument("--shard", help="run share i of n of the grid points, e.g. 0/4")
+    sweep.add_argument("--no-figures", action="store_true", help="skip the figures at the end")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sweep.add_argument(
+        "--max-points", type=int, default=None, help="stop after computing this many points"
+    )
+    sweep.add_argument(
+        "--check", action="store_true", help="validate the config and print the grid size only"
+    )
+
+    figures = sub.add_parser(
+        "figures", help="draw the paper figures (PDF + PNG) from a results folder's tables"
+    )
+    figures.add_argument("results", help="results folder written by `curvkit sweep`")
+    figures.add_argument("--out", help="figure folder (default: RESULTS/figures)")
     return parser
+
+
+def _resolve_config(name: str):
+    """A config path as given, else ``<repo>/experiments/configs/<name>[.toml]``."""
+    from pathlib import Path
+
+    path = Path(name)
+    if path.is_file():
+        return path
+    repo_configs = Path(__file__).resolve().parent.parent / "experiments" / "configs"
+    for candidate in (repo_configs / name, repo_configs / f"{name}.toml"):
+        if candidate.is_file():
+            return candidate
+    return path  # load_config reports that it does not exist
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from curvkit.experiments.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(_resolve_config(args.config))
+        if args.check:
+            from curvkit.datasets import load_dataset
+            from curvkit.experiments.runner import expand_grid, parse_shard, shard_points
+
+            data = load_dataset(
+                cfg.data["name"],
+                seed=cfg.data.get("seed", 0),
+                **{k: v for k, v in cfg.data.items() if k not in ("name", "seed")},
+            )
+            points = expand_grid(cfg, data.num_train)
+            mine = shard_points(points, parse_shard(args.shard))
+            print(
+                f"{cfg.name}: {len(points)} grid points ({len(mine)} in this shard), "
+                f"quantities: {', '.join(cfg.quantities)}"
+            )
+            return 0
+        from curvkit.experiments.runner import run_sweep
+
+        result = run_sweep(
+            cfg,
+            output=args.output,
+            shard=args.shard,
+            progress=not args.no_progress,
+            figures=not args.no_figures,
+            max_points=args.max_points,
+        )
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"curvkit sweep: error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"{result.output}: {result.computed} point(s) computed, {result.skipped} already done "
+        f"({result.shard_points} in this shard of {result.total_points}) in "
+        f"{result.seconds:.0f} s; {len(result.figures)} figure file(s) in "
+        f"{result.output / 'figures'}"
+    )
+    return 0
+
+
+def _figures(args: argparse.Namespace) -> int:
+    from curvkit.experiments.figures import make_figures
+
+    try:
+        written = make_figures(args.results, out=args.out)
+    except FileNotFoundError as err:
+        print(f"curvkit figures: error: {err}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
 
         run_demo(seed=args.seed)
         return 0
+    if args.command == "sweep":
+        return _sweep(args)
+    if args.command == "figures":
+        return _figures(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -3,7 +3,7 @@
 from curvkit.estimators import Estimate
 from curvkit.functional import hessian_block_row_sums, hessian_row_sum, hvp
 from curvkit.linop import DenseOperator, IdentityOperator, LinearOperator, as_operator
-from curvkit.operators import CurvatureOperator, HessianOperator
+from curvkit.operators import CurvatureOperator, GGNOperator, HessianOperator, ResidualOperator
 
 __version__ = "0.1.0"
 
@@ -11,9 +11,11 @@ __all__ = [
     "CurvatureOperator",
     "DenseOperator",
     "Estimate",
+    "GGNOperator",
     "HessianOperator",
     "IdentityOperator",
     "LinearOperator",
+    "ResidualOperator",
     "as_operator",
     "hessian_block_row_sums",
     "hessian_row_sum",

@@ -1,0 +1,618 @@
+"""The generalised Gauss-Newton matrix, its exact diagonal and trace, and the residual ``H - G``.
+
+For a loss ``L(theta) = sum_b w_b * loss_fn(f(X_b; theta), y_b)`` the GGN is
+
+    G = sum_b J_b^T Lambda_b J_b,
+
+with ``J_b = d f(X_b) / d theta`` (shape ``(N_b * M, D)``, ``M`` outputs per sample) and
+``Lambda_b = d^2 (w_b * loss_fn) / d f^2`` the loss Hessian with respect to the network
+outputs. ``G`` is positive semi-definite whenever the loss is convex in the outputs (MSE,
+cross-entropy, BCE with logits). The Hessian splits as ``H = G + R`` with the residual
+
+    R = sum_b sum_{n,c} g_{b,n,c} * d^2 f_{n,c} / d theta^2,   g = d (w_b loss_fn) / d f,
+
+the Hessian of the scalar ``<stop_grad(g), f(theta)>``; :class:`ResidualOperator` multiplies
+by it at the cost of one Hessian-vector product.
+
+Exact diagonal and trace of ``G`` use the symmetric factorisation of the output-space Hessian
+per sample, ``Lambda_n = Q_n diag(lambda_n) Q_n^T``:
+
+    diag(G) = sum_n sum_k lambda_{n,k} * (J_n^T q_{n,k})^2,
+
+one vector-Jacobian product per non-zero eigenvalue (at most ``M``, ``C - 1`` for
+cross-entropy) per sample. Per-sample VJPs run through ``torch.func.vmap`` in chunks sized
+to a memory budget; where samples are coupled (train-mode BatchNorm) or vmap cannot trace the
+model, the VJPs run through ordinary batched autograd on the whole batch instead (slower,
+same result). The Monte-Carlo variant replaces the ``r`` eigen-directions by
+``mc_samples`` random combinations ``S_n z`` with ``E[z z^T] = I``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+from curvkit.autodiff import batch_hvp, check_finite, differentiable_attention
+from curvkit.estimators.estimate import Estimate, exact_estimate
+from curvkit.linop import flatten_tensors
+from curvkit.operators.base import CurvatureOperator, preserved_state
+
+__all__ = [
+    "GGN_BACKENDS",
+    "GGNOperator",
+    "ResidualOperator",
+    "output_hessian_factors",
+]
+
+GGN_BACKENDS = ("double-vjp", "forward")
+
+#: default memory budget (bytes) for the per-sample VJP chunks of the exact diagonal
+DEFAULT_MEMORY_BUDGET = 256 * 2**20
+
+
+# ---------------------------------------------------------------------- small helpers
+def _batched_grad(
+    outputs: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    grad_outputs: Sequence[Tensor],
+    chunk_size: int,
+) -> list[Tensor]:
+    """``sum_i <outputs_i, grad_outputs_i[k]>`` differentiated w.r.t. ``inputs`` for each ``k``.
+
+    ``grad_outputs[i]`` has shape ``(K, *outputs[i].shape)``; returns ``(K, *input.shape)``
+    per input (zeros where an input is unused). Probes go through in chunks of
+    ``chunk_size`` with ``is_grads_batched``; an op without a batching rule falls back to a
+    loop over the probes. The graph is retained.
+    """
+    K = grad_outputs[0].shape[0]
+    live = [i for i, o in enumerate(outputs) if o.requires_grad]
+
+    def zeros(k: int) -> list[Tensor]:
+        return [torch.zeros(k, *x.shape, dtype=x.dtype, device=x.device) for x in inputs]
+
+    if not live or K == 0:
+        return zeros(K)
+    outs = [outputs[i] for i in live]
+
+    def one_chunk(gos: list[Tensor]) -> list[Tensor]:
+        k = gos[0].shape[0]
+        try:
+            res = torch.autograd.grad(
+                outs, inputs, grad_outputs=gos, retain_graph=True, allow_unused=True,
+                is_grads_batched=True,
+            )  # fmt: skip
+        except RuntimeError as err:
+            if "vmap" not in str(err) and "batch" not in str(err).lower():
+                raise
+            cols = [
+                torch.autograd.grad(
+                    outs,
+                    inputs,
+                    grad_outputs=[g[j] for g in gos],
+                    retain_graph=True,
+                    allow_unused=True,
+                )  # fmt: skip
+                for j in range(k)
+            ]
+            res = [
+                None if cols[0][i] is None else torch.stack([c[i] for c in cols])
+                for i in range(len(inputs))
+            ]
+        return [
+            torch.zeros(k, *x.shape, dtype=x.dtype, device=x.device) if r is None else r
+            for x, r in zip(inputs, res)
+        ]
+
+    pieces = [
+        one_chunk([grad_outputs[i][s : s + chunk_size] for i in live])
+        for s in range(0, K, chunk_size)
+    ]
+    return [torch.cat([pc[j] for pc in pieces]) for j in range(len(inputs))]
+
+
+def _as_output_tensor(out: Any) -> Tensor:
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            "the GGN needs the model to return one tensor of shape (N, *output_shape); got "
+            f"{type(out).__name__}. Wrap the model so that it returns the tensor the loss sees."
+        )
+    if out.ndim == 0:
+        raise ValueError("the model output must have a leading sample dimension, got a scalar")
+    return out
+
+
+def output_hessian_factors(
+    out: Tensor, y: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor], weight: float
+) -> tuple[Tensor, Tensor]:
+    """Per-sample eigen-factorisation of the output-space loss Hessian.
+
+    Args:
+        out: network outputs of one batch, shape ``(N, *O)`` (``M = prod(O)``).
+        y: targets of the batch.
+        loss_fn: the loss, reducing over samples by mean or sum.
+        weight: the batch's weight in the total loss.
+
+    Returns:
+        ``(factors, signs)``: ``factors`` of shape ``(N, r, *O)`` with rows
+        ``sqrt(|lambda_k|) q_k`` and ``signs`` of shape ``(N, r)`` (``+1``/``-1``), so that the
+        Hessian block of sample ``n`` is ``sum_k signs[n,k] factors[n,k] factors[n,k]^T``.
+        Eigenvalues below ``M * eps * max|lambda|`` are dropped (``r <= M``; ``C - 1`` for
+        cross-entropy).
+
+    Raises:
+        ValueError: if the loss couples samples (its Hessian is not block-diagonal over the
+            samples), which the per-sample factorisation cannot represent.
+    """
+    out = out.detach()
+    N, O_shape = out.shape[0], out.shape[1:]
+    M = math.prod(O_shape)
+    out_d = out.clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = weight * loss_fn(out_d, y)
+        check_finite(loss.detach(), "the loss")
+        (g,) = torch.autograd.grad(loss, out_d, create_graph=True)
+        if not g.requires_grad:  # loss linear in the outputs: Lambda = 0
+            empty = out.new_zeros(N, 0, *O_shape)
+            return empty, out.new_zeros(N, 0)
+        E = torch.eye(M, dtype=out.dtype, device=out.device)
+        E = E.reshape(M, 1, *O_shape).expand(M, N, *O_shape)
+        (cols,) = _batched_grad([g], [out_d], [E], chunk_size=max(M, 1))
+        # cols[j, n, i] = sum_n' Lambda[(n, i), (n', j)]: the per-sample block if separable
+        blocks = cols.reshape(M, N, M).permute(1, 2, 0)
+        blocks = 0.5 * (blocks + blocks.transpose(1, 2))
+        # separability check: one full product with a random direction
+        z = torch.randn(out.shape, dtype=out.dtype, device=out.device)
+        (full,) = torch.autograd.grad(g, out_d, grad_outputs=z, retain_graph=False)
+    block_prod = torch.einsum("nij,nj->ni", blocks, z.reshape(N, M))
+    scale = full.abs().max().clamp_min(torch.finfo(out.dtype).tiny)
+    tol = 1e-8 if out.dtype == torch.float64 else 1e-3
+    if (block_prod - full.reshape(N, M)).abs().max() > tol * scale:
+        raise ValueError(
+            "the loss couples the samples of a batch (its Hessian w.r.t. the outputs is not "
+            "block-diagonal over samples), so the per-sample GGN factorisation does not apply; "
+            "use a per-sample loss reduced by mean or sum, or a stochastic diagonal estimator"
+        )
+    evals, evecs = torch.linalg.eigh(blocks)  # (N, M), (N, M, M) columns = eigenvectors
+    mag = evals.abs()
+    cutoff = M * torch.finfo(out.dtype).eps * mag.max().clamp_min(torch.finfo(out.dtype).tiny)
+    keep = mag > cutoff
+    r = int(keep.sum(1).max().item()) if keep.numel() else 0
+    order = torch.argsort(mag, dim=1, descending=True)[:, :r]
+    evals = torch.gather(evals, 1, order)
+    evecs = torch.gather(evecs, 2, order.unsqueeze(1).expand(N, M, r))
+    evals = torch.where(evals.abs() > cutoff, evals, torch.zeros_like(evals))
+    factors = (evecs * evals.abs().sqrt().unsqueeze(1)).transpose(1, 2)  # (N, r, M)
+    signs = torch.where(evals < 0, -torch.ones_like(evals), torch.ones_like(evals))
+    return factors.reshape(N, r, *O_shape), signs
+
+
+# ---------------------------------------------------------------------- the operator
+class GGNOperator(CurvatureOperator):
+    """``G = sum_b J_b^T Lambda_b J_b``, the generalised Gauss-Newton matrix over all of ``data``.
+
+    Same data semantics as :class:`curvkit.HessianOperator`: the GGN of the loss of the
+    concatenated data (batches weighted by size for mean-reduced losses); with train-mode
+    BatchNorm the weighted sum of per-batch GGNs. Declared PSD (true for losses convex in the
+    outputs: MSE, cross-entropy, BCE with logits).
+
+    ``G @ V`` for a ``(D, K)`` block runs one forward pass per batch and pushes all ``K``
+    columns through it: ``J V`` by a Jacobian-vector product, ``Lambda (J V)`` through the
+    loss's output-space Hessian, and ``J^T (...)`` by a batched vector-Jacobian product.
+
+    Args:
+        model, loss_fn, data, params, reduction, check_deterministic: see
+            :class:`curvkit.operators.base.CurvatureOperator`. The model must return one
+            tensor ``(N, *O)``; the loss must be a sum or mean of per-sample terms.
+        backend: how ``J V`` is computed. ``"double-vjp"`` (default): reverse mode twice, the
+            VJP ``J^T u`` differentiated w.r.t. ``u``; works on every model, including
+            train-mode BatchNorm. ``"forward"``: ``torch.func.jvp`` vmapped over the probes
+            (falls back to ``"double-vjp"`` with a warning where torch.func cannot trace the
+            model).
+        max_probes_per_chunk: most probes pushed through one batched backward.
+        memory_budget: bytes the per-sample VJP chunks of the exact diagonal may use.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Tensor], Tensor],
+        data: Any,
+        params: Sequence[Tensor] | None = None,
+        *,
+        backend: str = "double-vjp",
+        max_probes_per_chunk: int = 16,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        reduction: str | None = None,
+        check_deterministic: bool = True,
+    ) -> None:
+        if backend not in GGN_BACKENDS:
+            raise ValueError(f"unknown GGN backend {backend!r}; choose one of {GGN_BACKENDS}")
+        if max_probes_per_chunk < 1:
+            raise ValueError("max_probes_per_chunk must be at least 1")
+        if memory_budget < 1:
+            raise ValueError("memory_budget must be a positive number of bytes")
+        super().__init__(
+            model,
+            loss_fn,
+            data,
+            params,
+            reduction=reduction,
+            check_deterministic=check_deterministic,
+            psd=True,
+        )
+        self.backend = backend
+        self.max_probes_per_chunk = max_probes_per_chunk
+        self.memory_budget = int(memory_budget)
+        self.backend_fallback_reason: str | None = None
+
+    # ------------------------------------------------------------------ products
+    def _batch_matmat(self, X, y, weight: float, probes: list[Tensor]) -> list[Tensor]:
+        with torch.enable_grad(), differentiable_attention():
+            if self.backend == "forward":
+                try:
+                    return self._forward_matmat(X, y, weight, probes)
+                except RuntimeError as err:
+                    self.backend_fallback_reason = f"{type(err).__name__}: {err}"
+                    warnings.warn(
+                        "the forward-mode GGN product failed on this model; using "
+                        f"double-vjp instead ({str(err)[:200]})",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
+                    self.backend = "double-vjp"
+            out = _as_output_tensor(self.model(X))
+            JV = self._jvp_double_vjp(out, probes)
+            return self._apply_lambda_and_vjp(out, y, weight, JV)
+
+    def _jvp_double_vjp(self, out: Tensor, probes: list[Tensor]) -> Tensor:
+        """``J V`` as ``d (J^T u) / d u`` applied to the probes; returns ``(K, *out.shape)``."""
+        u = torch.zeros_like(out, requires_grad=True)
+        vjps = torch.autograd.grad(
+            out, self.params, grad_outputs=u, create_graph=True, allow_unused=True
+        )
+        pairs = [(g, v) for g, v in zip(vjps, probes) if g is not None]
+        if not pairs:
+            return out.new_zeros(probes[0].shape[0], *out.shape)
+        (JV,) = _batched_grad(
+            [g for g, _ in pairs], [u], [v for _, v in pairs], self.max_probes_per_chunk
+        )
+        return JV
+
+    def _apply_lambda_and_vjp(self, out: Tensor, y, weight: float, JV: Tensor) -> list[Tensor]:
+        """``J^T Lambda (J V)`` given ``JV`` of shape ``(K, *out.shape)``."""
+        out_d = out.detach().requires_grad_(True)
+        loss = weight * self.loss_fn(out_d, y)
+        check_finite(loss.detach(), "the loss")
+        (g,) = torch.autograd.grad(loss, out_d, create_graph=True)
+        K = JV.shape[0]
+        if not g.requires_grad:  # loss linear in the outputs
+            return [torch.zeros(K, *p.shape, dtype=p.dtype, device=p.device) for p in self.params]
+        (LJV,) = _batched_grad([g], [out_d], [JV], self.max_probes_per_chunk)
+        res = _batched_grad([out], self.params, [LJV], self.max_probes_per_chunk)
+        return [r.detach() for r in res]
+
+    def _forward_matmat(self, X, y, weight: float, probes: list[Tensor]) -> list[Tensor]:
+        from torch.func import functional_call, jvp, vmap
+
+        buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+        primals = tuple(p.detach() for p in self.params)
+
+        def f(*ps):
+            return functional_call(self.model, {**dict(zip(self.param_names, ps)), **buffers}, (X,))
+
+        def jvp_one(*tangents):
+            return jvp(f, primals, tangents)[1]
+
+        K = probes[0].shape[0]
+        c = self.max_probes_per_chunk
+        JV = torch.cat([vmap(jvp_one)(*[v[s : s + c] for v in probes]) for s in range(0, K, c)])
+        out = _as_output_tensor(self.model(X))
+        return self._apply_lambda_and_vjp(out, y, weight, JV)
+
+    # ------------------------------------------------------------------ exact diagonal
+    def _samples_coupled(self) -> bool:
+        return self.couples_samples
+
+    def _diag_from_factors(
+        self, X, factors: Tensor, signs: Tensor, path: str
+    ) -> tuple[list[Tensor], str, float]:
+        """``sum_{n,k} signs[n,k] * (J_n^T factors[n,k])^2`` per parameter.
+
+        Returns the per-parameter sums, the path used (``"vmap"`` or ``"autograd"``) and the
+        cost in backward passes over the batch (per-sample VJPs count ``1/N`` each).
+        """
+        N, r = factors.shape[0], factors.shape[1]
+        if r == 0:
+            return [torch.zeros_like(p) for p in self.params], path, 0.0
+        if path == "vmap":
+            try:
+                with differentiable_attention():
+                    diag = self._diag_vmap(X, factors, signs)
+                return diag, "vmap", float(r)
+            except (RuntimeError, TypeError, ValueError) as err:
+                if "vmap" not in str(err).lower() and "functorch" not in str(err).lower():
+                    raise
+                warnings.warn(
+                    "per-sample VJPs through torch.func.vmap failed on this model; using "
+                    f"batched autograd on the whole batch ({str(err)[:200]})",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        return self._diag_autograd(X, factors, signs), "autograd", float(N * r)
+
+    def _per_sample_chunk(self, r: int) -> int:
+        per = r * self.shape[0] * torch.finfo(self.dtype).bits // 8 * 3
+        return max(1, self.memory_budget // max(per, 1))
+
+    def _diag_vmap(self, X, factors: Tensor, signs: Tensor) -> list[Tensor]:
+        from torch.func import functional_call, vjp, vmap
+
+        buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+        primals = tuple(p.detach() for p in self.params)
+        names = self.param_names
+
+        def one_sample(x_n, S_n, s_n):
+            def f(*ps):
+                x1 = tree_map(lambda t: t.unsqueeze(0), x_n)
+                out = functional_call(self.model, {**dict(zip(names, ps)), **buffers}, (x1,))
+                return out.squeeze(0)
+
+            _, vjp_fn = vjp(f, *primals)
+            grads = vmap(vjp_fn)(S_n)  # tuple of (r, *p.shape)
+            return tuple(
+                (s_n.reshape(-1, *([1] * (g.ndim - 1))) * g.square()).sum(0) for g in grads
+            )
+
+        N = factors.shape[0]
+        chunk = self._per_sample_chunk(factors.shape[1])
+        total = [torch.zeros_like(p) for p in self.params]
+        for s in range(0, N, chunk):
+            Xc = tree_map(lambda t, s=s: t[s : s + chunk], X)
+            res = vmap(one_sample)(Xc, factors[s : s + chunk], signs[s : s + chunk])
+            for t, piece in zip(total, res):
+                t.add_(piece.sum(0))
+        return total
+
+    def _diag_autograd(self, X, factors: Tensor, signs: Tensor) -> list[Tensor]:
+        N, r = factors.shape[0], factors.shape[1]
+        O_shape = factors.shape[2:]
+        with torch.enable_grad(), differentiable_attention():
+            out = _as_output_tensor(self.model(X))
+            per = (N * math.prod(O_shape) + self.shape[0]) * torch.finfo(self.dtype).bits // 8 * 2
+            chunk = max(1, self.memory_budget // max(per, 1))
+            total = [torch.zeros_like(p) for p in self.params]
+            pairs = [(n, k) for n in range(N) for k in range(r)]
+            for s in range(0, len(pairs), chunk):
+                sel = pairs[s : s + chunk]
+                cot = out.new_zeros(len(sel), N, *O_shape)
+                for i, (n, k) in enumerate(sel):
+                    cot[i, n] = factors[n, k]
+                sg = torch.stack([signs[n, k] for n, k in sel])
+                grads = _batched_grad([out], self.params, [cot], chunk)
+                for t, g in zip(total, grads):
+                    t.add_((sg.reshape(-1, *([1] * (g.ndim - 1))) * g.square()).sum(0))
+        return total
+
+    def _mc_factors(
+        self, factors: Tensor, signs: Tensor, mc_samples: int, generator: torch.Generator | None
+    ) -> Tensor:
+        if bool((signs < 0).any()):
+            raise ValueError(
+                "the Monte-Carlo GGN diagonal needs a loss that is convex in the outputs "
+                "(positive semi-definite output Hessian); use the exact diagonal instead"
+            )
+        N, r = factors.shape[0], factors.shape[1]
+        z = torch.randint(0, 2, (N, mc_samples, r), generator=generator, device="cpu")
+        z = (2 * z - 1).to(dtype=factors.dtype, device=factors.device)
+        return torch.einsum("nsr,nr...->ns...", z, factors)  # (N, S, *O)
+
+    def _diagonal_pass(
+        self, mc_samples: int | None, generator: torch.Generator | None, path: str
+    ) -> tuple[list[list[Tensor]], str, float, int]:
+        """Sum of per-sample contributions over all batches.
+
+        Exact (``mc_samples=None``): one list of per-parameter tensors. Monte-Carlo: one list
+        per replicate ``s`` (each replicate an unbiased estimate). Returns the lists, the VJP
+        path used, the cost in gradient-equivalents and the largest factor rank.
+        """
+        if path == "auto":
+            path = "autograd" if self._samples_coupled() else "vmap"
+        n_rep = 1 if mc_samples is None else mc_samples
+        totals = [[torch.zeros_like(p) for p in self.params] for _ in range(n_rep)]
+        cost, max_rank = 0.0, 0
+        N_total = self.batches.num_samples
+        with preserved_state(self.model, self.device):
+            for X, y, weight in self._iter_batches():
+                with torch.no_grad(), differentiable_attention():
+                    out = _as_output_tensor(self.model(X))
+                factors, signs = output_hessian_factors(out, y, self.loss_fn, weight)
+                max_rank = max(max_rank, factors.shape[1])
+                N_b = factors.shape[0]
+                if mc_samples is None:
+                    diag, path, backs = self._diag_from_factors(X, factors, signs, path)
+                    for t, d in zip(totals[0], diag):
+                        t.add_(d.detach())
+                else:
+                    mc = self._mc_factors(factors, signs, mc_samples, generator)
+                    ones = torch.ones(N_b, 1, dtype=self.dtype, device=self.device)
+                    backs = 0.0
+                    for s in range(mc_samples):
+                        diag, path, b = self._diag_from_factors(X, mc[:, s : s + 1], ones, path)
+                        backs += b
+                        for t, d in zip(totals[s], diag):
+                            t.add_(d.detach())
+                # a per-sample VJP is 1/N_total of a gradient; a whole-batch one N_b/N_total
+                per_backward = (1.0 / N_total) if path == "vmap" else (N_b / N_total)
+                cost += backs * (N_b if path == "vmap" else 1) * per_backward
+        return totals, path, cost, max_rank
+
+    def diagonal(
+        self,
+        method: str = "exact",
+        *,
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
+        path: str = "auto",
+    ) -> Estimate:
+        """The diagonal of ``G`` as a ``(D,)`` :class:`~curvkit.Estimate`.
+
+        Args:
+            method: ``"exact"`` (symmetric factorisation, one VJP per output direction and
+                sample), ``"mc"`` (Monte-Carlo factorisation, ``mc_samples`` VJPs per sample,
+                unbiased, with a standard error over the replicates when ``mc_samples >= 2``)
+                or ``"backpack"`` (BackPACK ``DiagGGNExact``/``DiagGGNMC`` on a deep copy of
+                the model; supported layers only).
+            mc_samples: Monte-Carlo samples per data point (``"mc"`` and ``"backpack"``-MC).
+            generator: random source of the Monte-Carlo probes.
+            path: ``"auto"``, ``"vmap"`` (per-sample VJPs) or ``"autograd"`` (batched VJPs on
+                the whole batch; used automatically for train-mode BatchNorm).
+
+        ``num_backward`` of the result counts the VJPs in gradient-equivalents (one gradient
+        over all of ``data`` = 1); ``num_matvecs`` is 0.
+        """
+        if path not in ("auto", "vmap", "autograd"):
+            raise ValueError(f"unknown path {path!r}; choose 'auto', 'vmap' or 'autograd'")
+        if path == "vmap" and self._samples_coupled():
+            raise ValueError(
+                "per-sample VJPs do not apply to train-mode BatchNorm (it couples the samples "
+                "of a batch); use path='autograd' or 'auto'"
+            )
+        if method == "exact":
+            totals, used, cost, rank = self._diagonal_pass(None, None, path)
+            value = flatten_tensors(totals[0])
+            check_finite(value, "the GGN diagonal")
+            return exact_estimate(
+                value,
+                0,
+                method="ggn-exact",
+                num_backward=cost,
+                info={"vjp_path": used, "factor_rank": rank},
+            )
+        if method == "mc":
+            if mc_samples < 1:
+                raise ValueError("mc_samples must be at least 1")
+            totals, used, cost, rank = self._diagonal_pass(mc_samples, generator, path)
+            reps = torch.stack([flatten_tensors(t) for t in totals])  # (S, D)
+            value = reps.mean(0)
+            check_finite(value, "the Monte-Carlo GGN diagonal")
+            if mc_samples >= 2:
+                stderr = reps.std(0, unbiased=True) / math.sqrt(mc_samples)
+                dof: int | None = mc_samples - 1
+            else:
+                stderr = torch.full_like(value, float("nan"))
+                dof = None
+            return Estimate(
+                value,
+                stderr,
+                0,
+                "ggn-mc",
+                dof=dof,
+                num_backward=cost,
+                info={
+                    "vjp_path": used,
+                    "mc_samples": mc_samples,
+                    "factor_rank": rank,
+                    "replicate_traces": reps.sum(1),
+                },
+            )
+        if method == "backpack":
+            from curvkit.operators.backpack import backpack_diagonal
+
+            return backpack_diagonal(self, "ggn")
+        raise ValueError(
+            f"unknown GGN diagonal method {method!r}; choose 'exact', 'mc', 'backpack'"
+        )
+
+    def trace(
+        self,
+        method: str = "exact",
+        *,
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
+        path: str = "auto",
+    ) -> Estimate:
+        """``tr(G)`` as a 0-d :class:`~curvkit.Estimate`: the sum of :meth:`diagonal`.
+
+        Same arguments as :meth:`diagonal`; the Monte-Carlo standard error is that of the sum
+        over replicates.
+        """
+        d = self.diagonal(method, mc_samples=mc_samples, generator=generator, path=path)
+        return _trace_of_diagonal(d)
+
+
+def _trace_of_diagonal(d: Estimate) -> Estimate:
+    """The trace from a diagonal estimate: exact, or from i.i.d. replicate traces."""
+    info = {k: v for k, v in d.info.items() if k != "replicate_traces"}
+    value = d.value.sum()
+    if d.dof == 0:
+        stderr = torch.zeros_like(value)
+    elif "replicate_traces" in d.info and d.dof is not None:
+        reps = d.info["replicate_traces"]
+        stderr = reps.std(unbiased=True) / math.sqrt(reps.numel())
+    else:
+        stderr = torch.full_like(value, float("nan"))
+    return Estimate(value, stderr, d.num_matvecs, d.method, d.dof, d.num_backward, info)
+
+
+# ---------------------------------------------------------------------- residual
+class ResidualOperator(CurvatureOperator):
+    """``R = H - G``: the Hessian minus the generalised Gauss-Newton matrix.
+
+    ``R`` is the Hessian of the scalar ``sum_b w_b <stop_grad(g_b), f(X_b; theta)>`` with
+    ``g_b`` the gradient of the loss w.r.t. the outputs, so one product costs one
+    Hessian-vector product (double backward), not two. Symmetric, indefinite in general.
+    For piecewise-linear networks (ReLU/max-pool with linear and convolution layers) every
+    diagonal block belonging to one layer's parameters is exactly zero.
+
+    Args: as :class:`GGNOperator` (``max_probes_per_chunk`` bounds a batched backward).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Tensor], Tensor],
+        data: Any,
+        params: Sequence[Tensor] | None = None,
+        *,
+        max_probes_per_chunk: int = 16,
+        reduction: str | None = None,
+        check_deterministic: bool = True,
+    ) -> None:
+        super().__init__(
+            model,
+            loss_fn,
+            data,
+            params,
+            reduction=reduction,
+            check_deterministic=check_deterministic,
+        )
+        self.max_probes_per_chunk = max_probes_per_chunk
+
+    def _residual_loss(self, out: Tensor, y: Tensor) -> Tensor:
+        out = _as_output_tensor(out)
+        out_d = out.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(self.loss_fn(out_d, y), out_d)
+        return (g.detach() * out).sum()
+
+    def _batch_matmat(self, X, y, weight: float, probes: list[Tensor]) -> list[Tensor]:
+        with torch.enable_grad(), differentiable_attention():
+            out = batch_hvp(
+                self.model,
+                self._residual_loss,
+                X,
+                y,
+                weight,
+                self.params,
+                self.param_names,
+                probes,
+                "batched",
+                self.max_probes_per_chunk,
+            )
+        return [o.detach() for o in out]

@@ -158,7 +158,15 @@ def _ggn_and_residual(H: HessianOperator) -> tuple[GGNOperator, ResidualOperator
     return G, R
 
 
-def _ggn_diagonal(G: GGNOperator, ggn_method: str) -> Estimate:
+def _ggn_diagonal(G: GGNOperator, ggn_method: str, given: Estimate | Tensor | None) -> Estimate:
+    if given is not None:  # reuse a diagonal computed once (e.g. across seeds)
+        value = given.value if isinstance(given, Estimate) else given
+        if value.shape != (G.shape[0],):
+            raise ValueError(
+                f"ggn_diagonal must have shape ({G.shape[0]},), got {tuple(value.shape)}"
+            )
+        cost = given.num_backward if isinstance(given, Estimate) else 0.0
+        return Estimate(value.to(G.dtype), torch.zeros_like(value), 0, "given", 0, cost)
     if ggn_method not in ("exact", "backpack"):
         raise ValueError(f"unknown ggn_method {ggn_method!r}; choose 'exact' or 'backpack'")
     return G.diagonal(ggn_method)
@@ -236,6 +244,7 @@ def ggn_cv_trace(
     blocks: str | Sequence[Sequence[int]] = "layer",
     allocation: str = "size",
     ggn_method: str = "exact",
+    ggn_diagonal: Estimate | Tensor | None = None,
 ) -> Estimate:
     """``tr(H)`` as exact ``tr(G)`` plus block-probed ``tr(R)`` (see the module docstring).
 
@@ -246,6 +255,9 @@ def ggn_cv_trace(
         blocks: ``"layer"``, ``"param"`` or an explicit partition (:func:`parameter_blocks`).
         allocation: ``"size"`` (probes in proportion to block size) or ``"equal"``.
         ggn_method: ``"exact"`` (generic per-sample VJPs) or ``"backpack"``.
+        ggn_diagonal: a precomputed exact ``diag(G)`` (``Estimate`` or ``(D,)`` tensor) to
+            reuse, e.g. across seeds; its ``num_backward`` is reported again (the cost of one
+            estimate), a plain tensor counts as free.
 
     Returns:
         A 0-d :class:`Estimate`: ``num_matvecs`` residual products, ``num_backward`` the exact
@@ -256,7 +268,7 @@ def ggn_cv_trace(
     records, V, RV, info = _residual_pass(
         H, R, num_matvecs, generator, blocks, allocation, "ggn-cv"
     )
-    g = _ggn_diagonal(G, ggn_method)
+    g = _ggn_diagonal(G, ggn_method, ggn_diagonal)
     res_value = torch.zeros((), dtype=H.dtype, device=H.device)
     var_terms: list[tuple[Tensor, int]] = []
     for rec in records:
@@ -304,6 +316,7 @@ def ggn_cv_diagonal(
     blocks: str | Sequence[Sequence[int]] = "layer",
     allocation: str = "equal",
     ggn_method: str = "exact",
+    ggn_diagonal: Estimate | Tensor | None = None,
 ) -> Estimate:
     """``diag(H)`` as exact ``diag(G)`` plus block-probed ``diag(R)`` (BKS estimator per block).
 
@@ -317,7 +330,7 @@ def ggn_cv_diagonal(
     records, V, RV, info = _residual_pass(
         H, R, num_matvecs, generator, blocks, allocation, "ggn-cv"
     )
-    g = _ggn_diagonal(G, ggn_method)
+    g = _ggn_diagonal(G, ggn_method, ggn_diagonal)
     res = torch.zeros(H.shape[0], dtype=H.dtype, device=H.device)
     stderr = torch.zeros_like(res)
     dofs = []

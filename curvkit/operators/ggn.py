@@ -82,6 +82,16 @@ def _batched_grad(
 
     def one_chunk(gos: list[Tensor]) -> list[Tensor]:
         k = gos[0].shape[0]
+        if k == 1:  # nothing to batch: skip vmap's overhead
+            res = torch.autograd.grad(
+                outs, inputs, grad_outputs=[g[0] for g in gos], retain_graph=True,
+                allow_unused=True,
+            )  # fmt: skip
+            res = [None if r is None else r.unsqueeze(0) for r in res]
+            return [
+                torch.zeros(1, *x.shape, dtype=x.dtype, device=x.device) if r is None else r
+                for x, r in zip(inputs, res)
+            ]
         try:
             res = torch.autograd.grad(
                 outs, inputs, grad_outputs=gos, retain_graph=True, allow_unused=True,

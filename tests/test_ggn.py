@@ -1,0 +1,174 @@
+"""GGNOperator and ResidualOperator against a dense ``J^T Lambda J`` built by hand (float64)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+import curvkit as ck
+from curvkit.autodiff import differentiable_attention
+from curvkit.linop import unflatten_vector
+from tests.cases import CASE_SPECS, DTYPE, Case, _weights, case_ids, dense_hessian, make_case
+
+TOL = 1e-10
+
+
+def dense_ggn(case: Case, params: list[Tensor] | None = None) -> Tensor:
+    """``sum_groups J^T Lambda J`` in float64.
+
+    ``J`` is the Jacobian of the stacked outputs w.r.t. the flattened params
+    (``torch.autograd.functional.jacobian``), ``Lambda`` the Hessian of the weighted loss
+    w.r.t. the stacked outputs (``torch.autograd.functional.hessian``). Groups: the
+    concatenated data, or each batch on its own for train-mode BatchNorm.
+    """
+    params = case.params if params is None else params
+    names = {id(p): n for n, p in case.model.named_parameters()}
+    pnames = [names[id(p)] for p in params]
+    shapes = [p.shape for p in params]
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+    if case.couples_samples:
+        groups = [(X, y, w) for (X, y), w in zip(case.batches, _weights(case))]
+    else:
+        X = torch.cat([b[0] for b in case.batches])
+        y = torch.cat([b[1] for b in case.batches])
+        groups = [(X, y, 1.0)]
+    buffers = {n: b.clone() for n, b in case.model.named_buffers()}
+    G = torch.zeros(theta.numel(), theta.numel(), dtype=DTYPE)
+    with differentiable_attention():
+        for X, y, w in groups:
+
+            def f(th, X=X):
+                pieces = unflatten_vector(th, shapes)
+                return functional_call(case.model, {**dict(zip(pnames, pieces)), **buffers}, (X,))
+
+            out = f(theta).detach()
+            J = torch.autograd.functional.jacobian(f, theta).reshape(out.numel(), -1)
+            L = torch.autograd.functional.hessian(
+                lambda o, y=y, w=w, shape=out.shape: w * case.loss_fn(o.reshape(shape), y),
+                out.reshape(-1),
+            )
+            G += J.T @ L @ J
+    return G
+
+
+@functools.cache
+def oracles(spec_index: int) -> tuple[Tensor, Tensor]:
+    """Dense (GGN, Hessian) of a case-matrix entry, cached across tests."""
+    case = make_case(*CASE_SPECS[spec_index])
+    return dense_ggn(case), dense_hessian(case)
+
+
+def rel(a: Tensor, b: Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+SPEC_IDS = case_ids()
+
+
+@pytest.mark.parametrize("backend", ["double-vjp", "forward"])
+@pytest.mark.parametrize("index", range(len(CASE_SPECS)), ids=SPEC_IDS)
+def test_ggn_matches_dense_oracle(index: int, backend: str) -> None:
+    case = make_case(*CASE_SPECS[index])
+    G_dense = dense_ggn(case)
+    G = ck.GGNOperator(case.model, case.loss_fn, case.data, backend=backend)
+    assert G.is_psd and G.is_symmetric
+    expect_fallback = backend == "forward" and case.couples_samples
+    with pytest.warns(RuntimeWarning) if expect_fallback else contextlib.nullcontext():
+        assert rel(G.to_dense(), G_dense) < TOL
+    # a random (D, K) block and a (D,) vector
+    g = torch.Generator().manual_seed(0)
+    V = torch.randn(G.shape[0], 5, generator=g, dtype=DTYPE)
+    assert rel(G @ V, G_dense @ V) < TOL
+    assert rel(G @ V[:, 0], G_dense @ V[:, 0]) < TOL
+    # the dense GGN of a PSD loss is PSD
+    assert float(torch.linalg.eigvalsh(G_dense).min()) > -1e-12 * float(G_dense.norm())
+
+
+@pytest.mark.parametrize("spec", [("mlp-tanh", "mse-sum", [3, 5, 2]), ("cnn", "ce-mean", [4, 2])])
+def test_ggn_parameter_subset(spec) -> None:
+    case = make_case(*spec)
+    sub = case.subset()
+    G = ck.GGNOperator(case.model, case.loss_fn, case.data, params=sub)
+    assert rel(G.to_dense(), dense_ggn(case, sub)) < TOL
+
+
+RESIDUAL_CASES = [0, 3, 5, 7, 8, 10]
+
+
+@pytest.mark.parametrize("index", RESIDUAL_CASES, ids=[SPEC_IDS[i] for i in RESIDUAL_CASES])
+def test_residual_is_hessian_minus_ggn(index: int) -> None:
+    case = make_case(*CASE_SPECS[index])
+    G_dense, H_dense = oracles(index)
+    R = ck.ResidualOperator(case.model, case.loss_fn, case.data)
+    assert R.is_symmetric and not R.is_psd
+    assert rel(R.to_dense(), H_dense - G_dense) < TOL
+
+
+def test_relu_residual_has_zero_layer_blocks() -> None:
+    """Piecewise-linear net: R is large but every per-layer diagonal block vanishes."""
+    index = CASE_SPECS.index(("mlp-relu", "ce-mean", [3, 5, 2]))
+    case = make_case(*CASE_SPECS[index])
+    G_dense, H_dense = oracles(index)
+    R = H_dense - G_dense
+    assert float(R.norm() / H_dense.norm()) > 0.3
+    start = 0
+    for layer in (0, 2, 4):
+        size = sum(p.numel() for p in case.model[layer].parameters())
+        block = R[start : start + size, start : start + size]
+        assert float(block.abs().max()) < 1e-14 * float(H_dense.abs().max())
+        start += size
+
+
+def test_model_left_as_it_was() -> None:
+    case = make_case("bn-train", "ce-mean", [6])
+    model = case.model
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    before = copy.deepcopy(model.state_dict())
+    grads = [p.grad.clone() for p in model.parameters()]
+    rng = torch.get_rng_state()
+    G = ck.GGNOperator(model, case.loss_fn, case.data)
+    G.to_dense()
+    G.diagonal()
+    G.diagonal("mc", mc_samples=2, generator=torch.Generator().manual_seed(0))
+    ck.ResidualOperator(model, case.loss_fn, case.data).to_dense()
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for p, g in zip(model.parameters(), grads):
+        assert torch.equal(p.grad, g)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_errors() -> None:
+    case = make_case("mlp-tanh", "mse-mean", [7])
+    with pytest.raises(ValueError, match="unknown GGN backend"):
+        ck.GGNOperator(case.model, case.loss_fn, case.data, backend="nope")
+
+    class TupleOut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3).to(DTYPE)
+
+        def forward(self, x):
+            return self.lin(x), x
+
+    G = ck.GGNOperator(TupleOut(), case.loss_fn, case.data)
+    with pytest.raises(TypeError, match="one tensor"):
+        G @ torch.ones(G.shape[0], dtype=DTYPE)
+
+    class Coupled(nn.Module):  # a loss that couples the samples of a batch
+        reduction = "sum"
+
+        def forward(self, out, y):
+            return (out - y).sum() ** 2
+
+    G = ck.GGNOperator(case.model, Coupled(), case.data)
+    with pytest.raises(ValueError, match="couples the samples"):
+        G.diagonal()

@@ -55,6 +55,9 @@ GGN_BACKENDS = ("double-vjp", "forward")
 #: default memory budget (bytes) for the per-sample VJP chunks of the exact diagonal
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
+#: eigenvalues of the output Hessian below this times ``M * eps * max|lambda|`` are zero
+_CUTOFF_FACTOR = 100.0
+
 
 # ---------------------------------------------------------------------- small helpers
 def _batched_grad(
@@ -152,8 +155,8 @@ def output_hessian_factors(
         ``(factors, signs)``: ``factors`` of shape ``(N, r, *O)`` with rows
         ``sqrt(|lambda_k|) q_k`` and ``signs`` of shape ``(N, r)`` (``+1``/``-1``), so that the
         Hessian block of sample ``n`` is ``sum_k signs[n,k] factors[n,k] factors[n,k]^T``.
-        Eigenvalues below ``M * eps * max|lambda|`` are dropped (``r <= M``; ``C - 1`` for
-        cross-entropy).
+        Eigenvalues below ``100 * M * eps * max|lambda|`` (max over the batch) are dropped
+        (``r <= M``; ``C - 1`` for cross-entropy).
 
     Raises:
         ValueError: if the loss couples samples (its Hessian is not block-diagonal over the
@@ -190,7 +193,12 @@ def output_hessian_factors(
         )
     evals, evecs = torch.linalg.eigh(blocks)  # (N, M), (N, M, M) columns = eigenvectors
     mag = evals.abs()
-    cutoff = M * torch.finfo(out.dtype).eps * mag.max().clamp_min(torch.finfo(out.dtype).tiny)
+    # rounding in the loss Hessian itself (e.g. softmax's probabilities not summing to
+    # exactly 1) leaves null directions at ~eps * |Lambda|; drop them with a safety factor
+    cutoff = (
+        _CUTOFF_FACTOR * M * torch.finfo(out.dtype).eps
+        * mag.max().clamp_min(torch.finfo(out.dtype).tiny)
+    )  # fmt: skip
     keep = mag > cutoff
     r = int(keep.sum(1).max().item()) if keep.numel() else 0
     order = torch.argsort(mag, dim=1, descending=True)[:, :r]

@@ -180,7 +180,9 @@ def output_hessian_factors(
         blocks = cols.reshape(M, N, M).permute(1, 2, 0)
         blocks = 0.5 * (blocks + blocks.transpose(1, 2))
         # separability check: one full product with a random direction
-        z = torch.randn(out.shape, dtype=out.dtype, device=out.device)
+        # a fixed private generator: the check is deterministic and leaves the global RNG alone
+        check_gen = torch.Generator(device=out.device).manual_seed(0)
+        z = torch.randn(out.shape, dtype=out.dtype, device=out.device, generator=check_gen)
         (full,) = torch.autograd.grad(g, out_d, grad_outputs=z, retain_graph=False)
     block_prod = torch.einsum("nij,nj->ni", blocks, z.reshape(N, M))
     scale = full.abs().max().clamp_min(torch.finfo(out.dtype).tiny)

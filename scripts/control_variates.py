@@ -1,10 +1,11 @@
 """Measure the "ggn-cv" control variates against plain estimators at equal total cost.
 
-For each network (ReLU MLP, ReLU CNN, tanh MLP, LayerNorm+GELU MLP; cross-entropy, briefly
-trained on a synthetic teacher task) and each total budget ``C`` in gradient-equivalents:
+For each network (ReLU MLP untrained and trained, ReLU CNN, tanh MLP, LayerNorm+GELU MLP;
+cross-entropy, briefly trained on a synthetic teacher task) and each total budget ``C`` in gradient-equivalents:
 
 * ``ggn-cv`` gets ``C - c_G`` residual products, where ``c_G`` is the exact GGN diagonal's
   cost (``Estimate.num_backward``, ``C - 1`` for ``C`` classes);
+* ``ggn-cv`` with one block of all parameters (full-vector probes of ``R``), same budget;
 * ``hutchinson`` and ``xtrace`` (trace) / ``hutchinson`` and ``xdiag`` (diagonal) get ``C``
   Hessian-vector products.
 
@@ -137,7 +138,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     except (ImportError, KeyError):
         print("no DIAGONAL_METHODS registry with 'hutchinson'/'xdiag': diagonal rows skipped")
     for kind in args.networks:
-        net, loss_fn, data = make_problem(kind, args.samples, args.train_steps)
+        base, _, when = kind.partition("@")  # "relu-mlp@init": untrained
+        steps = 0 if when == "init" else args.train_steps
+        net, loss_fn, data = make_problem(base, args.samples, steps)
         H = ck.HessianOperator(net, loss_fn, data)
         G = ck.GGNOperator(net, loss_fn, data)
         t0 = time.perf_counter()
@@ -152,9 +155,14 @@ def run(args: argparse.Namespace) -> list[dict]:
             f"GGN diag cost {g_diag.num_backward:g} grads, oracle {time.perf_counter() - t0:.1f}s"
         )
         c_g = math.ceil(g_diag.num_backward)
+        all_params = list(range(len(H.params)))
         for C in args.budgets:
             trace_estimators = {
                 "ggn-cv": partial(ggn_cv_trace, H, C - c_g, ggn_diagonal=g_diag),
+                # one block holding every parameter: full-vector probes of R
+                "ggn-cv, full-vector probes": partial(
+                    ggn_cv_trace, H, C - c_g, ggn_diagonal=g_diag, blocks=[all_params]
+                ),
                 "hutchinson": partial(TRACE_METHODS["hutchinson"], H, C),
                 "xtrace": partial(TRACE_METHODS["xtrace"], H, C),
             }
@@ -188,10 +196,13 @@ def to_markdown(rows: list[dict], args: argparse.Namespace) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--networks", nargs="+", default=["relu-mlp", "relu-cnn", "tanh-mlp", "gelu-ln-mlp"]
+        "--networks",
+        nargs="+",
+        default=["relu-mlp@init", "relu-mlp", "relu-cnn", "tanh-mlp", "gelu-ln-mlp"],
+        help="relu-mlp, relu-cnn, tanh-mlp, gelu-ln-mlp; suffix @init for the untrained net",
     )
     parser.add_argument("--budgets", nargs="+", type=int, default=[24, 96])
-    parser.add_argument("--seeds", type=int, default=40)
+    parser.add_argument("--seeds", type=int, default=100)
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--train-steps", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)

@@ -1,7 +1,8 @@
 """Measure the "ggn-cv" control variates against plain estimators at equal total cost.
 
 For each network (ReLU MLP untrained and trained, ReLU CNN, tanh MLP, LayerNorm+GELU MLP;
-cross-entropy, briefly trained on a synthetic teacher task) and each total budget ``C`` in gradient-equivalents:
+cross-entropy, briefly trained on a synthetic teacher task) and each total budget ``C`` in
+gradient-equivalents:
 
 * ``ggn-cv`` gets ``C - c_G`` residual products, where ``c_G`` is the exact GGN diagonal's
   cost (``Estimate.num_backward``, ``C - 1`` for ``C`` classes);

@@ -156,13 +156,12 @@ def run(args: argparse.Namespace) -> list[dict]:
             f"GGN diag cost {g_diag.num_backward:g} grads, oracle {time.perf_counter() - t0:.1f}s"
         )
         c_g = math.ceil(g_diag.num_backward)
-        all_params = list(range(len(H.params)))
         for C in args.budgets:
             trace_estimators = {
                 "ggn-cv": partial(ggn_cv_trace, H, C - c_g, ggn_diagonal=g_diag),
                 # one block holding every parameter: full-vector probes of R
                 "ggn-cv, full-vector probes": partial(
-                    ggn_cv_trace, H, C - c_g, ggn_diagonal=g_diag, blocks=[all_params]
+                    ggn_cv_trace, H, C - c_g, ggn_diagonal=g_diag, blocks="all"
                 ),
                 "hutchinson": partial(TRACE_METHODS["hutchinson"], H, C),
                 "xtrace": partial(TRACE_METHODS["xtrace"], H, C),

@@ -46,6 +46,10 @@ def test_relu_networks_ggn_cv_is_exact(spec) -> None:
     d = ggn_cv_diagonal(H, 12, _gen(1))
     assert rel(d.value, H_dense.diagonal()) < 1e-12
     assert float(d.stderr.max()) < 1e-12 * scale
+    # full-vector probes of R pick up its cross-layer blocks: no longer exact
+    full = ggn_cv_trace(H, 12, _gen(0), blocks="all")
+    assert full.info["blocks"][0]["name"] == "all"
+    assert float(full.stderr) > 1e-6 * scale
 
 
 @pytest.mark.parametrize(

@@ -80,13 +80,16 @@ def parameter_blocks(
     Args:
         param_names: names of the parameters (as in ``model.named_parameters()``).
         blocks: ``"layer"`` (default: tensors of the same module, e.g. a layer's weight and
-            bias, form one block), ``"param"`` (one block per tensor) or an explicit
-            partition as a sequence of index lists.
+            bias, form one block), ``"param"`` (one block per tensor), ``"all"`` (one block:
+            full-vector probes of ``R``) or an explicit partition as a sequence of index
+            lists.
 
     Returns:
         ``(name, indices)`` per block, in parameter order.
     """
     n = len(param_names)
+    if blocks == "all":
+        return [("all", list(range(n)))]
     if blocks == "param":
         return [(name, [i]) for i, name in enumerate(param_names)]
     if blocks == "layer":
@@ -96,7 +99,9 @@ def parameter_blocks(
             groups.setdefault(owner, []).append(i)
         return list(groups.items())
     if isinstance(blocks, str):
-        raise ValueError(f"unknown blocks {blocks!r}; choose 'layer', 'param' or index lists")
+        raise ValueError(
+            f"unknown blocks {blocks!r}; choose 'layer', 'param', 'all' or index lists"
+        )
     parts = [[int(i) for i in part] for part in blocks]
     flat = sorted(i for part in parts for i in part)
     if flat != list(range(n)) or any(not part for part in parts):
@@ -252,7 +257,8 @@ def ggn_cv_trace(
         A: a :class:`curvkit.HessianOperator` (no train-mode BatchNorm).
         num_matvecs: products with ``R`` (``None``: 100, at least two per block).
         generator: source of the Rademacher probes.
-        blocks: ``"layer"``, ``"param"`` or an explicit partition (:func:`parameter_blocks`).
+        blocks: ``"layer"``, ``"param"``, ``"all"`` or an explicit partition
+            (:func:`parameter_blocks`).
         allocation: ``"size"`` (probes in proportion to block size) or ``"equal"``.
         ggn_method: ``"exact"`` (generic per-sample VJPs) or ``"backpack"``.
         ggn_diagonal: a precomputed exact ``diag(G)`` (``Estimate`` or ``(D,)`` tensor) to

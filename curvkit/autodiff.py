@@ -4,18 +4,30 @@ Every backend computes ``H_b @ V`` for the loss ``weight * loss_fn(model(X), y)`
 batch and a block of ``K`` probes given as a list of tensors shaped ``(K, *param.shape)``:
 
 ``"double-backward"``
-    Forward and first backward once per batch (``create_graph=True``), then one second
-    backward per probe through that reused graph.
+    Reverse over reverse. Forward and first backward once per batch (``create_graph=True``),
+    then one second backward per probe through that reused graph: after the first probe,
+    each further one costs only a second backward.
 ``"batched"``
-    Forward and first backward once per batch, then all probes of a chunk in one second
+    Forward and first backward once per batch, then the probes of a chunk in one second
     backward with ``is_grads_batched=True`` (vmap over the backward graph). Falls back to
-    ``"double-backward"`` where an op has no batching rule.
+    the loop of ``"double-backward"`` where an op has no batching rule.
 ``"forward-over-reverse"``
     ``torch.func.jvp`` of ``torch.func.grad``, vmapped over the probes of a chunk.
-    Nested *forward* over *reverse* of the gradient is exact on layer_norm and batch_norm
-    (unlike ``jvp(jacrev)``, see DESIGN.md), and is tested against the dense oracle.
+``"forward-ad"``
+    Forward over reverse without functorch: the parameters become dual tensors
+    (``torch.autograd.forward_ad``) carrying one probe as tangent, and one ordinary
+    ``torch.autograd.grad`` pass returns the gradient whose tangent is ``H v``. No graph is
+    kept, so one product costs one forward and one backward, each with its tangent. Probes
+    are processed one at a time (forward and backward are re-run per probe).
 
-All backends agree to rounding; ``"auto"`` picks one without changing results.
+Forward over reverse of the *gradient* (``jvp(grad)``) is exact on layer_norm and
+batch_norm, unlike ``jvp(jacrev)`` (see DESIGN.md); every backend is tested against the
+dense float64 oracle on the case matrix, including affine LayerNorm and train-mode
+BatchNorm. Floating-point targets ``y`` get an explicit zero tangent: without it, PyTorch's
+forward-mode rule of ``mse_loss``'s backward writes into an immutable ZeroTensor.
+
+All backends agree to rounding; ``"auto"`` (see :class:`curvkit.HessianOperator`) picks one
+by a short timed trial without changing results.
 """
 
 from __future__ import annotations
@@ -24,26 +36,32 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 __all__ = [
     "BACKENDS",
+    "FORWARD_MODE_BACKENDS",
     "batch_hvp",
     "check_finite",
+    "chunk_size_for",
     "differentiable_attention",
+    "graph_bytes",
     "gradient",
     "second_backward",
 ]
 
-BACKENDS = ("double-backward", "batched", "forward-over-reverse")
+BACKENDS = ("double-backward", "batched", "forward-over-reverse", "forward-ad")
+FORWARD_MODE_BACKENDS = ("forward-over-reverse", "forward-ad")
 
 
 @contextlib.contextmanager
 def differentiable_attention() -> Iterator[None]:
     """Route ``scaled_dot_product_attention`` through its math kernel.
 
-    The fused kernels (flash, memory-efficient, cuDNN) have no second derivative, so a
-    Hessian product through them fails; the math kernel is built of ordinary ops.
+    The fused kernels (flash, memory-efficient, cuDNN) have neither a second derivative nor
+    a forward-mode rule, so a Hessian product through them fails; the math kernel is built
+    of ordinary ops.
     """
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -100,19 +118,37 @@ def second_backward(
     ]
 
 
+def _stack(columns: list[list[Tensor]], n: int) -> list[Tensor]:
+    return [torch.stack([col[i] for col in columns]) for i in range(n)]
+
+
 def _double_backward(grads, params, probes: list[Tensor]) -> list[Tensor]:
     K = probes[0].shape[0]
     columns = [second_backward(grads, params, [v[k] for v in probes]) for k in range(K)]
-    return [torch.stack([col[i] for col in columns]) for i in range(len(params))]
+    return _stack(columns, len(params))
 
 
 def _batched(grads, params, probes: list[Tensor]) -> list[Tensor]:
+    if probes[0].shape[0] == 1:  # nothing to batch; skip vmap's overhead
+        return [h.unsqueeze(0) for h in second_backward(grads, params, [v[0] for v in probes])]
     try:
         return second_backward(grads, params, probes, batched=True)
     except RuntimeError as err:  # an op without a batching rule for its backward
         if "vmap" not in str(err) and "batch" not in str(err).lower():
             raise
         return _double_backward(grads, params, probes)
+
+
+def _chunks(probes: list[Tensor], chunk_size: int) -> Iterator[list[Tensor]]:
+    K = probes[0].shape[0]
+    for s in range(0, K, chunk_size):
+        yield [v[s : s + chunk_size] for v in probes]
+
+
+def _cat(pieces: list[list[Tensor]], n: int) -> list[Tensor]:
+    if len(pieces) == 1:
+        return pieces[0]
+    return [torch.cat([pc[i] for pc in pieces]) for i in range(n)]
 
 
 def batch_hvp(
@@ -130,47 +166,112 @@ def batch_hvp(
     """``H_b @ V`` for one batch; ``probes[i]`` has shape ``(K, *params[i].shape)``.
 
     Returns tensors of the same shapes. ``chunk_size`` bounds how many probes a batched
-    backend pushes through at once (memory grows with it).
+    backend (``"batched"``, ``"forward-over-reverse"``) pushes through at once: their memory
+    grows with it. The others hold one probe at a time.
     """
-    K = probes[0].shape[0]
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"unknown autodiff backend {backend!r}; choose one of {BACKENDS} or 'auto'"
+        )
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be at least 1")
     if backend == "forward-over-reverse":
         return _forward_over_reverse(
             model, loss_fn, X, y, weight, params, param_names, probes, chunk_size
         )
+    if backend == "forward-ad":
+        return _forward_ad(model, loss_fn, X, y, weight, params, param_names, probes)
     loss = weight * loss_fn(model(X), y)
     check_finite(loss.detach(), "the loss")
     grads = gradient(loss, params, create_graph=True)
     if backend == "double-backward":
         return _double_backward(grads, params, probes)
-    if backend == "batched":
-        pieces = [
-            _batched(grads, params, [v[s : s + chunk_size] for v in probes])
-            for s in range(0, K, chunk_size)
-        ]
-        return [torch.cat([pc[i] for pc in pieces]) for i in range(len(params))]
-    raise ValueError(f"unknown autodiff backend {backend!r}; choose one of {BACKENDS} or 'auto'")
+    pieces = [_batched(grads, params, chunk) for chunk in _chunks(probes, chunk_size)]
+    return _cat(pieces, len(params))
+
+
+def _detached_state(model: nn.Module, params: Sequence[Tensor], param_names: Sequence[str]):
+    # Buffers are passed as copies so train-mode BatchNorm's in-place running-stat update
+    # touches neither the model nor a tensor captured by a transform.
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    primals = tuple(p.detach() for p in params)
+    return buffers, primals
 
 
 def _forward_over_reverse(model, loss_fn, X, y, weight, params, param_names, probes, chunk_size):
     from torch.func import functional_call, grad, jvp, vmap
 
-    # Buffers are passed as copies so train-mode BatchNorm's in-place running-stat update
-    # touches neither the model nor a tensor captured by vmap.
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    primals = tuple(p.detach() for p in params)
+    buffers, primals = _detached_state(model, params, param_names)
+    float_y = isinstance(y, Tensor) and y.is_floating_point()
 
-    def loss_of(*ps):
-        out = functional_call(model, ({**dict(zip(param_names, ps)), **buffers}), (X,))
-        return weight * loss_fn(out, y)
+    def loss_of(ps, target):
+        out = functional_call(model, {**dict(zip(param_names, ps)), **buffers}, (X,))
+        return weight * loss_fn(out, target)
 
-    grad_fn = grad(lambda ps: loss_of(*ps))
+    grad_fn = grad(loss_of)
 
     def hvp_one(*tangents):
-        return jvp(grad_fn, (primals,), (tuple(tangents),))[1]
+        if float_y:  # an explicit zero tangent for y, see the module docstring
+            return jvp(grad_fn, (primals, y), (tuple(tangents), torch.zeros_like(y)))[1]
+        return jvp(lambda ps: grad_fn(ps, y), (primals,), (tuple(tangents),))[1]
 
+    pieces = [
+        list(vmap(hvp_one, randomness="same")(*chunk)) for chunk in _chunks(probes, chunk_size)
+    ]
+    return _cat(pieces, len(params))
+
+
+def _forward_ad(model, loss_fn, X, y, weight, params, param_names, probes):
+    from torch.func import functional_call
+
+    buffers, primals = _detached_state(model, params, param_names)
     K = probes[0].shape[0]
-    pieces = []
-    for s in range(0, K, chunk_size):
-        chunk = [v[s : s + chunk_size] for v in probes]
-        pieces.append(vmap(hvp_one, randomness="same")(*chunk))
-    return [torch.cat([pc[i] for pc in pieces]) for i in range(len(params))]
+    columns = []
+    for k in range(K):
+        with fwAD.dual_level():
+            duals = [fwAD.make_dual(p, v[k]).requires_grad_() for p, v in zip(primals, probes)]
+            target = y
+            if isinstance(y, Tensor) and y.is_floating_point():
+                target = fwAD.make_dual(y, torch.zeros_like(y))
+            out = functional_call(model, {**dict(zip(param_names, duals)), **buffers}, (X,))
+            loss = weight * loss_fn(out, target)
+            if k == 0:
+                check_finite(fwAD.unpack_dual(loss).primal.detach(), "the loss")
+            grads = torch.autograd.grad(loss, duals, allow_unused=True)
+            col = []
+            for p, g in zip(primals, grads):
+                tangent = None if g is None else fwAD.unpack_dual(g).tangent
+                col.append(torch.zeros_like(p) if tangent is None else tangent.clone())
+        columns.append(col)
+    return _stack(columns, len(params))
+
+
+# ---------------------------------------------------------------------- memory budget
+def graph_bytes(model: nn.Module, loss_fn, X, y, params: Sequence[Tensor]) -> int:
+    """Bytes autograd saves for one forward plus first backward with ``create_graph=True``.
+
+    Counted through saved-tensor hooks (each storage once), so it works on every device
+    without allocator statistics. It is what a probe-batched second backward has to hold
+    per probe, to first order, and is used to size probe chunks to a memory budget.
+    """
+    seen: dict[tuple, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        try:
+            storage = t.untyped_storage()
+            seen[(t.device, storage.data_ptr())] = storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
+            seen[(id(t),)] = t.numel() * t.element_size()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn(model(X), y)
+        gradient(loss, params, create_graph=True)
+    return int(sum(seen.values()))
+
+
+def chunk_size_for(per_probe_bytes: int, memory_budget: int | None, max_probes: int) -> int:
+    """Probes per chunk: at most ``max_probes`` and within ``memory_budget`` bytes."""
+    if memory_budget is None or per_probe_bytes <= 0:
+        return max_probes
+    return max(1, min(max_probes, int(memory_budget // per_probe_bytes)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -9,8 +10,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvkit.autodiff import BACKENDS, batch_hvp, differentiable_attention
-from curvkit.operators.base import CurvatureOperator
+from curvkit.autodiff import (
+    BACKENDS,
+    FORWARD_MODE_BACKENDS,
+    batch_hvp,
+    chunk_size_for,
+    differentiable_attention,
+    graph_bytes,
+)
+from curvkit.operators.base import CurvatureOperator, preserved_state
 
 __all__ = ["HessianOperator"]
 
@@ -20,19 +28,33 @@ class HessianOperator(CurvatureOperator):
 
     Over several batches the operator equals the Hessian of the concatenated batch, for
     mean- and sum-reduced losses and uneven batch sizes. ``H @ V`` with ``K`` columns builds
-    each batch's gradient graph once and pushes all ``K`` columns through it.
+    each batch's gradient graph once and pushes all ``K`` columns through it (except with
+    ``"forward-ad"``, which re-runs forward and backward per probe).
 
     Train-mode BatchNorm couples the samples of a batch: there the operator is the weighted
     sum of per-batch Hessians, each with its own batch statistics (what the training loss
     sees), not the Hessian of one concatenated batch. Running statistics are never changed.
 
+    Backend choice (``backend="auto"``): at the first product of each kind, a single vector
+    (``K = 1``) or a block (``K > 1``), every candidate backend runs on the first batch, is
+    checked against double backward (agreement to ``sqrt(eps)`` relative; a candidate that
+    errs or disagrees is dropped) and timed once warm; the fastest is cached and used from
+    then on. ``self.backend`` is the backend of the latest product (``"auto"`` before the
+    first), ``self.backend_choices`` the cached choice per kind, and ``self.backend_trials``
+    the trial's seconds (or the reason a candidate was dropped). Results never depend on the
+    choice beyond rounding. Pass a backend name to skip the trial.
+
     Args:
         model, loss_fn, data, params, reduction, check_deterministic: see
             :class:`curvkit.operators.base.CurvatureOperator`.
         backend: ``"auto"`` or one of ``"double-backward"``, ``"batched"``,
-            ``"forward-over-reverse"`` (see :mod:`curvkit.autodiff`). The resolved choice
-            is ``self.backend``.
-        max_probes_per_chunk: most probes a batched backend pushes through at once.
+            ``"forward-over-reverse"``, ``"forward-ad"`` (see :mod:`curvkit.autodiff`).
+        max_probes_per_chunk: most probes a batched backend (``"batched"``,
+            ``"forward-over-reverse"``) pushes through at once.
+        memory_budget: optional cap in bytes on what one chunk of batched probes may hold;
+            the chunk size is ``memory_budget // graph_bytes`` (at least 1, at most
+            ``max_probes_per_chunk``), with ``graph_bytes`` the bytes autograd saves for one
+            forward and first backward of the first batch (measured once). ``None``: no cap.
     """
 
     def __init__(
@@ -44,6 +66,7 @@ class HessianOperator(CurvatureOperator):
         *,
         backend: str = "auto",
         max_probes_per_chunk: int = 16,
+        memory_budget: int | None = None,
         reduction: str | None = None,
         check_deterministic: bool = True,
     ) -> None:
@@ -51,6 +74,8 @@ class HessianOperator(CurvatureOperator):
             raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {BACKENDS}")
         if max_probes_per_chunk < 1:
             raise ValueError("max_probes_per_chunk must be at least 1")
+        if memory_budget is not None and memory_budget <= 0:
+            raise ValueError("memory_budget must be a positive number of bytes or None")
         super().__init__(
             model,
             loss_fn,
@@ -60,32 +85,76 @@ class HessianOperator(CurvatureOperator):
             check_deterministic=check_deterministic,
         )
         self.requested_backend = backend
-        self.backend = "double-backward" if backend == "auto" else backend
+        self.backend = backend
+        self.backend_choices: dict[str, str] = (
+            {} if backend == "auto" else {"single": backend, "block": backend}
+        )
+        self.backend_trials: dict[str, dict[str, float | str]] = {}
         self.max_probes_per_chunk = max_probes_per_chunk
+        self.memory_budget = memory_budget
+        self._graph_bytes: int | None = None
         self.backend_fallback_reason: str | None = None
 
-    def _batch_matmat(self, X, y, weight: float, probes: list[Tensor]) -> list[Tensor]:
-        with torch.enable_grad(), differentiable_attention():
-            try:
-                out = self._run_backend(X, y, weight, probes)
-            except RuntimeError as err:
-                if self.backend != "forward-over-reverse":
-                    raise
-                # torch.func transforms reject some models (in-place buffer updates of
-                # train-mode BatchNorm, ops without forward-mode rules); double backward
-                # computes the same product.
-                self.backend_fallback_reason = f"{type(err).__name__}: {err}"
-                warnings.warn(
-                    "forward-over-reverse failed on this model; using double-backward "
-                    f"instead ({str(err)[:200]})",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-                self.backend = "double-backward"
-                out = self._run_backend(X, y, weight, probes)
-        return [o.detach() for o in out]
+    # ------------------------------------------------------------------ backend choice
+    @property
+    def chunk_size(self) -> int:
+        """Probes per chunk for the batched backends, within ``memory_budget``."""
+        if self.memory_budget is None:
+            return self.max_probes_per_chunk
+        if self._graph_bytes is None:
+            X, y = self._prepare(*self.batches.first())
+            with preserved_state(self.model, self.device), differentiable_attention():
+                self._graph_bytes = graph_bytes(self.model, self.loss_fn, X, y, self.params)
+        return chunk_size_for(self._graph_bytes, self.memory_budget, self.max_probes_per_chunk)
 
-    def _run_backend(self, X, y, weight: float, probes: list[Tensor]) -> list[Tensor]:
+    def _candidates(self, kind: str) -> list[str]:
+        if kind == "single":
+            # "batched" is "double-backward" for one probe
+            return ["double-backward", "forward-ad", "forward-over-reverse"]
+        # "forward-ad" re-runs forward and backward per probe: never faster than the loop
+        # over one reused graph for several probes
+        return ["double-backward", "batched", "forward-over-reverse"]
+
+    def _trial(self, kind: str, X, y, weight: float, probes: list[Tensor]) -> list[Tensor]:
+        """Run every candidate on this batch, keep the fastest that agrees; return its result."""
+        chunk = min(probes[0].shape[0], self.chunk_size)
+        trial_probes = [v[:chunk] for v in probes]
+        tol = torch.finfo(self.dtype).eps ** 0.5
+        timings: dict[str, float | str] = {}
+        reference: list[Tensor] | None = None
+        for name in self._candidates(kind):
+            try:
+                out = self._run(name, X, y, weight, trial_probes)  # warm-up, checked
+                if reference is None:
+                    reference = out
+                else:
+                    err = _rel_diff(out, reference)
+                    if not err <= tol:
+                        timings[name] = f"disagrees with double-backward (rel. diff. {err:.1e})"
+                        continue
+                self._sync()
+                start = time.perf_counter()
+                self._run(name, X, y, weight, trial_probes)
+                self._sync()
+                timings[name] = time.perf_counter() - start
+            except RuntimeError as err:
+                if name == "double-backward":
+                    raise
+                timings[name] = f"{type(err).__name__}: {str(err)[:200]}"
+        timed = {n: t for n, t in timings.items() if isinstance(t, float)}
+        choice = min(timed, key=timed.get)
+        self.backend_trials[kind] = timings
+        self.backend_choices[kind] = choice
+        self.backend = choice
+        if chunk == probes[0].shape[0] and choice == "double-backward":
+            return reference
+        return self._run(choice, X, y, weight, probes)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _run(self, name: str, X, y, weight: float, probes: list[Tensor]) -> list[Tensor]:
         return batch_hvp(
             self.model,
             self.loss_fn,
@@ -95,9 +164,39 @@ class HessianOperator(CurvatureOperator):
             self.params,
             self.param_names,
             probes,
-            self.backend,
-            self.max_probes_per_chunk,
+            name,
+            self.chunk_size,
         )
+
+    def _batch_matmat(self, X, y, weight: float, probes: list[Tensor]) -> list[Tensor]:
+        kind = "single" if probes[0].shape[0] == 1 else "block"
+        with torch.enable_grad(), differentiable_attention():
+            if kind not in self.backend_choices:
+                return [o.detach() for o in self._trial(kind, X, y, weight, probes)]
+            name = self.backend_choices[kind]
+            self.backend = name
+            try:
+                out = self._run(name, X, y, weight, probes)
+            except RuntimeError as err:
+                if name not in FORWARD_MODE_BACKENDS:
+                    raise
+                # torch.func transforms and forward-mode AD reject some models (in-place
+                # buffer updates of train-mode BatchNorm under vmap, ops without forward-mode
+                # rules); double backward computes the same product.
+                self.backend_fallback_reason = f"{type(err).__name__}: {err}"
+                warnings.warn(
+                    f"{name} failed on this model; using double-backward "
+                    f"instead ({str(err)[:200]})",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                self.backend_choices = {
+                    k: ("double-backward" if v == name else v)
+                    for k, v in self.backend_choices.items()
+                }
+                self.backend = "double-backward"
+                out = self._run("double-backward", X, y, weight, probes)
+        return [o.detach() for o in out]
 
     def block_row_sums(self) -> list[Tensor]:
         """Row sums of each parameter's diagonal block, ``H_ii @ 1``, shaped like the params.
@@ -115,3 +214,11 @@ class HessianOperator(CurvatureOperator):
             out.append(HE[start : start + p.numel(), i].reshape(p.shape))
             start += p.numel()
         return out
+
+
+def _rel_diff(a: list[Tensor], b: list[Tensor]) -> float:
+    """Relative Frobenius distance of two lists of tensors, over all entries."""
+    with torch.no_grad():
+        num = sum(float((x - z).double().pow(2).sum()) for x, z in zip(a, b))
+        den = sum(float(z.double().pow(2).sum()) for z in b)
+    return (num / den) ** 0.5 if den > 0 else num**0.5

@@ -1,0 +1,207 @@
+"""Every autodiff backend against the dense float64 oracle, and the ``"auto"`` choice."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import curvkit as ck
+from curvkit import autodiff
+from curvkit.autodiff import BACKENDS, chunk_size_for, graph_bytes
+from curvkit.operators import hessian as hessian_module
+from tests.cases import dense_hessian, make_case, rel_err
+
+TOL = 1e-10
+_DENSE: dict[str, torch.Tensor] = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and a shared machine's cores are contended."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _dense(case) -> torch.Tensor:
+    """The dense oracle, cached per case (cases are deterministic in their spec)."""
+    if case.name not in _DENSE:
+        _DENSE[case.name] = dense_hessian(case)
+    return _DENSE[case.name]
+
+
+def _probes(D: int, K: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(D, K, generator=g, dtype=torch.float64)
+
+
+def _quiet_operator(case, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # documented fallbacks
+        return ck.HessianOperator(case.model, case.loss_fn, case.data, **kwargs)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "auto"])
+def test_backend_matches_dense_oracle(case, backend):
+    """H @ v and H @ V (K = 5, chunks of 2) agree with the dense Hessian to 1e-10."""
+    H = _dense(case)
+    V = _probes(H.shape[0], 5)
+    op = _quiet_operator(case, backend=backend, max_probes_per_chunk=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        single = op @ V[:, 0]
+        block = op @ V
+    assert rel_err(single, H @ V[:, 0]) < TOL
+    assert rel_err(block, H @ V) < TOL
+    assert op.backend in BACKENDS
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_restores_model_state(backend):
+    case = make_case("bn-train", "mse-sum", [4, 3])
+    before = [b.clone() for b in case.model.buffers()]
+    params = [p.clone() for p in case.model.parameters()]
+    op = _quiet_operator(case, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        op @ _probes(op.shape[0], 3)
+    assert case.model.training
+    assert all(torch.equal(a, b) for a, b in zip(before, case.model.buffers()))
+    assert all(torch.equal(a, b) for a, b in zip(params, case.model.parameters()))
+    assert all(p.grad is None for p in case.model.parameters())
+
+
+def test_auto_records_a_correct_choice_per_kind():
+    case = make_case("layernorm-gelu", "ce-mean", [4, 3])
+    H = _dense(case)
+    op = ck.HessianOperator(case.model, case.loss_fn, case.data)
+    assert op.backend == "auto" and op.backend_choices == {}
+    v = _probes(H.shape[0], 1)[:, 0]
+    assert rel_err(op @ v, H @ v) < TOL
+    single = op.backend_choices["single"]
+    assert op.backend == single and single in BACKENDS
+    trial = op.backend_trials["single"]
+    assert set(trial) == {"double-backward", "forward-ad", "forward-over-reverse"}
+    assert isinstance(trial[single], float)
+    assert all(trial[single] <= t for t in trial.values() if isinstance(t, float))
+    V = _probes(H.shape[0], 4)
+    assert rel_err(op @ V, H @ V) < TOL
+    assert op.backend_choices["block"] in BACKENDS
+    assert op.backend == op.backend_choices["block"]
+    # cached: no second trial
+    trials = dict(op.backend_trials)
+    op @ V
+    assert op.backend_trials == trials
+
+
+def test_fixed_backend_skips_the_trial():
+    case = make_case("mlp-tanh", "bce", [4, 3])
+    op = ck.HessianOperator(case.model, case.loss_fn, case.data, backend="forward-ad")
+    op @ _probes(op.shape[0], 2)
+    assert op.backend == "forward-ad" and op.backend_trials == {}
+
+
+def test_auto_drops_a_backend_that_disagrees(monkeypatch):
+    """A candidate whose product differs from double backward is never chosen."""
+    real = hessian_module.batch_hvp
+
+    def wrong_forward_ad(*args):
+        out = real(*args)
+        return [1.01 * o for o in out] if args[8] == "forward-ad" else out
+
+    monkeypatch.setattr(hessian_module, "batch_hvp", wrong_forward_ad)
+    case = make_case("mlp-relu", "ce-sum", [6])
+    H = _dense(case)
+    op = ck.HessianOperator(case.model, case.loss_fn, case.data)
+    v = _probes(H.shape[0], 1)[:, 0]
+    assert rel_err(op @ v, H @ v) < TOL
+    assert "disagrees" in op.backend_trials["single"]["forward-ad"]
+    assert op.backend != "forward-ad"
+
+
+def test_auto_drops_a_backend_that_fails(monkeypatch):
+    real = hessian_module.batch_hvp
+
+    def failing(*args):
+        if args[8] == "forward-over-reverse":
+            raise RuntimeError("no forward-mode rule for this op")
+        return real(*args)
+
+    monkeypatch.setattr(hessian_module, "batch_hvp", failing)
+    case = make_case("cnn", "mse-sum", [5])
+    H = _dense(case)
+    op = ck.HessianOperator(case.model, case.loss_fn, case.data)
+    V = _probes(H.shape[0], 3)
+    assert rel_err(op @ V, H @ V) < TOL
+    assert op.backend_trials["block"]["forward-over-reverse"].startswith("RuntimeError")
+    assert op.backend != "forward-over-reverse"
+
+
+@pytest.mark.parametrize("backend", ["forward-over-reverse", "forward-ad"])
+def test_forward_mode_failure_falls_back_to_double_backward(monkeypatch, backend):
+    real = hessian_module.batch_hvp
+
+    def failing(*args):
+        if args[8] == backend:
+            raise RuntimeError("Trying to use forward AD with an op that does not support it")
+        return real(*args)
+
+    monkeypatch.setattr(hessian_module, "batch_hvp", failing)
+    case = make_case("mlp-tanh", "mse-sum", [3, 5, 2])
+    H = _dense(case)
+    op = ck.HessianOperator(case.model, case.loss_fn, case.data, backend=backend)
+    V = _probes(H.shape[0], 3)
+    with pytest.warns(RuntimeWarning, match="using double-backward"):
+        out = op @ V
+    assert rel_err(out, H @ V) < TOL
+    assert op.backend == "double-backward"
+    assert "forward AD" in op.backend_fallback_reason
+
+
+def test_train_batchnorm_under_forward_over_reverse_is_exact():
+    """torch.func rejects train-mode BN's in-place update; the fallback keeps the result."""
+    case = make_case("bn-train", "ce-mean", [6])
+    H = _dense(case)
+    op = _quiet_operator(case, backend="forward-over-reverse")
+    V = _probes(H.shape[0], 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert rel_err(op @ V, H @ V) < TOL
+
+
+def test_memory_budget_sizes_chunks():
+    case = make_case("transformer", "ce-seq-mean", [4])
+    H = _dense(case)
+    X, y = case.batches[0]
+    with autodiff.differentiable_attention():
+        G = graph_bytes(case.model, case.loss_fn, X, y, case.params)
+    assert G > 0
+    assert chunk_size_for(G, None, 16) == 16
+    assert chunk_size_for(G, 3 * G, 16) == 3
+    assert chunk_size_for(G, G // 2, 16) == 1
+    op = ck.HessianOperator(
+        case.model, case.loss_fn, case.data, backend="batched", memory_budget=2 * G
+    )
+    assert op.chunk_size == 2
+    V = _probes(H.shape[0], 5)
+    assert rel_err(op @ V, H @ V) < TOL
+    with pytest.raises(ValueError, match="memory_budget"):
+        ck.HessianOperator(case.model, case.loss_fn, case.data, memory_budget=0)
+
+
+def test_backends_agree_in_float32():
+    """Single precision: all backends agree to rounding (relative 1e-5)."""
+    case = make_case("transformer", "ce-seq-sum", [2, 3])
+    case.model.float()
+    case.batches = [(X, y) for X, y in case.batches]
+    V = _probes(sum(p.numel() for p in case.params), 3).float()
+    outs = {}
+    for backend in BACKENDS:
+        op = ck.HessianOperator(case.model, case.loss_fn, case.data, backend=backend)
+        outs[backend] = op @ V
+    ref = outs["double-backward"]
+    for backend, out in outs.items():
+        assert rel_err(out, ref) < 1e-5, backend

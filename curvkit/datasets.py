@@ -10,8 +10,12 @@ Names and options (defaults in brackets):
 
 ``digits``
     scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes, shipped with
-    scikit-learn, no download). Pixels scaled to [0, 1] and standardised with the training
-    split's mean and standard deviation; shape ``(1, 8, 8)``. [test_fraction=0.25]
+    scikit-learn, no download); shape ``(1, 8, 8)``. ``normalize="unit"`` scales the pixels
+    to [0, 1] (as torchvision's ``ToTensor`` does for MNIST); ``"standardize"`` also
+    removes the training split's per-pixel mean and divides by its standard deviation.
+    Uncentred inputs keep the class-mean structure that produces the ``C - 1`` outlier
+    eigenvalues of a trained classifier's Hessian (Papyan 2020); per-pixel centring
+    weakens it. [test_fraction=0.25, normalize="unit"]
 ``teacher-student-classification`` / ``teacher-student-regression``
     Gaussian inputs ``x ~ N(0, I_dim)`` labelled by a random one-hidden-layer tanh teacher
     of width ``teacher_width`` (drawn from the dataset seed): classification takes the
@@ -114,15 +118,19 @@ def _standardise(X_train: Tensor, X_test: Tensor, dims: tuple[int, ...]) -> tupl
     return (X_train - mean) / std, (X_test - mean) / std
 
 
-def digits(*, seed: int = 0, test_fraction: float = 0.25) -> Dataset:
-    """scikit-learn's bundled 8x8 digits, standardised, shape ``(1, 8, 8)``."""
+def digits(*, seed: int = 0, test_fraction: float = 0.25, normalize: str = "unit") -> Dataset:
+    """scikit-learn's bundled 8x8 digits, shape ``(1, 8, 8)``, pixels in [0, 1] or standardised."""
     from sklearn.datasets import load_digits
 
+    if normalize not in ("unit", "standardize"):
+        raise ValueError(f"normalize must be 'unit' or 'standardize', got {normalize!r}")
     bunch = load_digits()
     X = torch.as_tensor(bunch.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
     y = torch.as_tensor(bunch.target, dtype=torch.int64)
     tr, te = _split(len(y), test_fraction, seed)
-    X_train, X_test = _standardise(X[tr], X[te], dims=(0,))
+    X_train, X_test = X[tr], X[te]
+    if normalize == "standardize":
+        X_train, X_test = _standardise(X_train, X_test, dims=(0,))
     return Dataset("digits", X_train, y[tr], X_test, y[te], "classification", 10)
 
 

@@ -8,6 +8,7 @@ The schema (every key optional unless marked; see ``experiments/configs/default.
     device = "cpu"
     threads = 0                   # torch.set_num_threads (0: leave torch's default)
     curvature_mode = "eval"       # model mode during curvature: "eval" | "train"
+    backend = "auto"              # HessianOperator autodiff backend ("auto": timed choice)
 
     [data]                        # required
     name = "digits"               # see curvkit.datasets
@@ -68,6 +69,7 @@ TOP_KEYS = {
     "device",
     "threads",
     "curvature_mode",
+    "backend",
     "data",
     "models",
     "grid",
@@ -112,6 +114,7 @@ class SweepConfig:
     device: str
     threads: int
     curvature_mode: str
+    backend: str
     data: dict[str, Any]
     models: list[ModelSpec]
     grid: dict[str, Any]
@@ -216,6 +219,12 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> SweepConfig
             source,
         )
 
+    backend = raw.get("backend", "auto")
+    from curvkit.autodiff import BACKENDS
+
+    if backend != "auto" and backend not in BACKENDS:
+        raise _fail(f"backend must be 'auto' or one of {list(BACKENDS)}, got {backend!r}", source)
+
     # ---------------------------------------------------------------- data
     data = raw.get("data")
     if not isinstance(data, dict) or "name" not in data:
@@ -315,6 +324,7 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> SweepConfig
         device=device,
         threads=threads,
         curvature_mode=mode,
+        backend=backend,
         data=data,
         models=models,
         grid=grid,

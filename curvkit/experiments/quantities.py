@@ -151,7 +151,12 @@ class PointContext:
     @property
     def H(self) -> ck.HessianOperator:  # noqa: N802 - the math symbol
         if "H" not in self.cache:
-            self.cache["H"] = ck.HessianOperator(self.model, self.loss_fn, (self.X, self.y))
+            self.cache["H"] = ck.HessianOperator(
+                self.model,
+                self.loss_fn,
+                (self.X, self.y),
+                backend=self.cache.get("backend", "auto"),
+            )
         return self.cache["H"]
 
     @property

@@ -2,7 +2,8 @@
 
 The grid is ``models x train_batch_sizes x curvature_batch_sizes x seeds x checkpoints x
 draws``. At checkpoint 0 (initialisation) the training batch size plays no role, so those
-points appear once, with ``train_batch_size = 0``.
+points appear once, with ``train_batch_size = 0``; likewise the full training split is one
+batch, measured once (``draw = 0``) however many draws the grid asks for.
 
 Seeds (all derived from the grid seed with :func:`derive_seed`, so they do not depend on
 ``PYTHONHASHSEED``, the shard, or the order points run in):
@@ -75,7 +76,9 @@ def expand_grid(cfg: SweepConfig, num_train: int) -> list[dict[str, Any]]:
                 tbs_list = [0] if step == 0 else cfg.grid["train_batch_sizes"]
                 for tbs in tbs_list:
                     for cbs in cfg.grid["curvature_batch_sizes"]:
-                        for draw in range(cfg.grid["draws"]):
+                        # the full split is the same batch in every draw: measure it once
+                        draws = 1 if cbs == "full" else cfg.grid["draws"]
+                        for draw in range(draws):
                             size = num_train if cbs == "full" else int(cbs)
                             pid = "__".join(
                                 [
@@ -221,6 +224,7 @@ def measure_point(
         ),
     )
     ctx.cache["options"] = cfg.quantity_options
+    ctx.cache["backend"] = cfg.backend
     ctx.cache["train_split"] = data.train
     ctx.cache["test_split"] = data.test
     keys = {k: point[k] for k in KEY_COLUMNS}

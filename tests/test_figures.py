@@ -33,8 +33,11 @@ def results(tmp_path_factory):
             "quantities": {
                 "trace": {"num_matvecs": 6},
                 "eigenvalues": {"top_k": 2, "bottom_k": 1},
-                "density": {"num_probes": 1, "num_steps": 8,
-                            "where": {"curvature_batch_size": "full"}},
+                "density": {
+                    "num_probes": 1,
+                    "num_steps": 8,
+                    "where": {"curvature_batch_size": "full"},
+                },
                 "diagonal": {"num_matvecs": 6},
                 "frobenius": {"num_matvecs": 4},
                 "ggn_residual": {"num_matvecs": 4},
@@ -43,8 +46,12 @@ def results(tmp_path_factory):
                     "methods": ["hutchinson", "hutch++"],
                     "budgets": [6, 12],
                     "repeats": 2,
-                    "where": {"model": "MLP", "curvature_batch_size": 64, "step": "last",
-                              "seed": "first"},
+                    "where": {
+                        "model": "MLP",
+                        "curvature_batch_size": 64,
+                        "step": "last",
+                        "seed": "first",
+                    },
                 },
             },
         }
@@ -66,7 +73,8 @@ def test_every_figure_is_written_and_opens(results):
                 w, h = im.size
                 # two-column paper sizes at 300 dpi: at most the text width (6.75 in)
                 assert w <= 6.75 * 300 + 2 and h < 6 * 300
-                assert len(im.convert("L").getcolors(maxcolors=1 << 16) or range(11)) > 10, "blank figure"
+                colours = im.convert("L").getcolors(maxcolors=1 << 16) or range(11)
+                assert len(colours) > 10, "blank figure"
         else:
             head = path.read_bytes()[:5]
             assert head == b"%PDF-"
@@ -76,9 +84,20 @@ def test_tables_are_tidy_and_keyed(results):
     out, _ = results
     t = load_tables(out)
     m = t["measurements"]
-    assert {"trace", "lambda_max", "lambda_min", "rowsum_offdiag_ratio", "rowsum_diag_corr",
-            "rowsum_norm", "frobenius_norm", "ggn_residual_share", "hvp_ratio", "loss_batch",
-            "accuracy_test", "diag_mean"} <= set(m["quantity"])
+    assert {
+        "trace",
+        "lambda_max",
+        "lambda_min",
+        "rowsum_offdiag_ratio",
+        "rowsum_diag_corr",
+        "rowsum_norm",
+        "frobenius_norm",
+        "ggn_residual_share",
+        "hvp_ratio",
+        "loss_batch",
+        "accuracy_test",
+        "diag_mean",
+    } <= set(m["quantity"])
     assert not m.duplicated(["point_id", "quantity"]).any()
     for name in ("eigenvalues", "density", "estimator_error"):
         assert {"point_id", "model", "seed", "step"} <= set(t[name].columns)

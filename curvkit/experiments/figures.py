@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 
@@ -88,6 +89,8 @@ def register_figure(name: str) -> Callable:
 # ---------------------------------------------------------------------- helpers
 def _models(tables: Tables) -> list[str]:
     pts = tables.get("points")
+    if pts is not None and len(pts) and "model_order" in pts:
+        pts = pts.sort_values("model_order", kind="stable")
     src = pts if pts is not None and len(pts) else tables["measurements"]
     return list(dict.fromkeys(src["model"]))
 
@@ -163,6 +166,15 @@ def _legend_above(fig: Figure, axes, ncol: int | None = None) -> None:
             handlelength=1.8,
             columnspacing=1.0,
         )
+
+
+def _int_ticks(ax, values) -> None:
+    """Log x axis with the plotted sizes as plain integer tick labels."""
+    vals = sorted({int(v) for v in values if np.isfinite(v) and v > 0})
+    ax.set_xscale("log")
+    if vals:
+        ax.set_xticks(vals, [str(v) for v in vals])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
 
 
 def _last_step(df: pd.DataFrame) -> int:
@@ -267,7 +279,7 @@ def _vs_batch(tables: Tables, x: str, xlabel: str) -> Figure | None:
                     mec=colours[model],
                     zorder=3,
                 )
-        ax.set_xscale("log", base=2)
+        _int_ticks(ax, agg[x])
         _value_scale(ax, np.concatenate([agg["mean"] - agg["sem"], agg["mean"] + agg["sem"]]))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
@@ -317,7 +329,7 @@ def fig_rowsum_offdiag(tables: Tables) -> Figure | None:
                     marker="o",
                     label=model,
                 )
-        ax.set_xscale("log", base=2)
+        _int_ticks(ax, agg["curvature_batch_size"])
         ax.set_title(title)
         ax.set_xlabel("curvature batch size (samples)")
     vals = df["value"].to_numpy()
@@ -356,7 +368,7 @@ def fig_estimator_error(tables: Tables) -> Figure | None:
         if len(c):
             ref = d.groupby("budget")["rel_error"].mean().max()
             ax.plot(c, ref * np.sqrt(c[0] / c), color="0.5", ls=":", label="∝ 1/√matvecs")
-        ax.set_xscale("log")
+        _int_ticks(ax, d["cost"].round())
         ax.set_yscale("log")
         ax.set_title(model if len(models) > 1 else f"{model}: trace estimators")
         ax.set_xlabel("cost (Hessian-vector products)")

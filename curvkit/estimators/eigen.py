@@ -1,0 +1,233 @@
+"""Extreme eigenvalues of symmetric operators: ``curvkit.eigenvalues(A, k, which=...)``.
+
+``method="lanczos"`` (default) is a torch-native thick-restart Lanczos with full
+reorthogonalisation (two Gram–Schmidt passes per step) that runs on the operator's device:
+it builds a Krylov basis of ``ncv`` vectors, takes the Ritz pairs of the projected matrix,
+and, until the ``k`` wanted Ritz pairs have residual ``||A y - theta y|| <= tol * |theta|_max``,
+restarts from the wanted (plus half of the remaining) Ritz vectors and the residual
+direction (Wu & Simon 2000). Invariant subspaces are continued with a fresh random direction,
+so repeated eigenvalues are found. Lanczos products are one vector each and sequential; it is
+SLQ (:func:`curvkit.spectral_density`) that batches across starting vectors.
+
+``method="scipy"`` runs ``scipy.sparse.linalg.eigsh`` (ARPACK) on ``A.to_scipy()``, float64
+on the CPU.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import scipy.sparse.linalg
+import torch
+from torch import Tensor
+
+from curvkit.estimators.probes import resolve_generator, sample_probes
+from curvkit.linop import LinearOperator, as_operator
+
+__all__ = ["eigenvalues", "lanczos_tridiag"]
+
+_WHICH = ("LA", "SA", "LM")
+
+
+def eigenvalues(
+    A: LinearOperator | Tensor,
+    k: int = 1,
+    which: str = "LA",
+    generator: torch.Generator | None = None,
+    method: str = "lanczos",
+    return_eigenvectors: bool = False,
+    *,
+    ncv: int | None = None,
+    tol: float | None = None,
+    max_restarts: int = 200,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The ``k`` extreme eigenvalues of a symmetric operator, in ascending order.
+
+    Args:
+        A: a symmetric :class:`curvkit.LinearOperator` or dense symmetric ``(D, D)`` tensor.
+        k: how many eigenvalues, ``1 <= k <= D`` (``k < D`` for ``"scipy"``).
+        which: ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic (the most negative
+            curvature of a Hessian), ``"LM"`` largest magnitude.
+        generator: source of the random starting vector(s) (``None``: a fresh one).
+        method: ``"lanczos"`` (torch, on ``A``'s device) or ``"scipy"`` (ARPACK ``eigsh``).
+        return_eigenvectors: also return the ``(D, k)`` orthonormal eigenvectors.
+        ncv: Lanczos basis size before a restart (default ``min(D, max(2k + 1, k + 20))``).
+        tol: relative residual tolerance (default ``eps ** 0.75`` of the dtype for Lanczos,
+            machine precision for ARPACK).
+        max_restarts: Lanczos restarts before giving up with a warning.
+
+    Returns:
+        ``(k,)`` eigenvalues ascending, or ``(eigenvalues, eigenvectors)`` with eigenvectors
+        ``(D, k)`` in matching column order.
+    """
+    op = as_operator(A)
+    if op.shape[0] != op.shape[1] or not op.is_symmetric:
+        raise ValueError(
+            "eigenvalues needs a symmetric operator (declared symmetric=True, or a symmetric "
+            f"dense tensor); got {op!r}"
+        )
+    if which not in _WHICH:
+        raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
+    D = op.shape[0]
+    if not isinstance(k, int) or not 1 <= k <= D:
+        raise ValueError(f"k must be an int in [1, D={D}], got {k!r}")
+    if method == "lanczos":
+        vals, vecs = _thick_restart_lanczos(op, k, which, generator, ncv, tol, max_restarts)
+    elif method == "scipy":
+        vals, vecs = _scipy_eigsh(op, k, which, generator, ncv, tol)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose 'lanczos' or 'scipy'")
+    order = torch.argsort(vals)
+    vals, vecs = vals[order], vecs[:, order]
+    return (vals, vecs) if return_eigenvectors else vals
+
+
+def _preference(theta: Tensor, which: str) -> Tensor:
+    """Indices of ``theta`` from most to least wanted."""
+    if which == "LA":
+        return torch.argsort(theta, descending=True)
+    if which == "SA":
+        return torch.argsort(theta)
+    return torch.argsort(theta.abs(), descending=True)
+
+
+def _orthogonalise(w: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
+    """Two passes of classical Gram–Schmidt of ``w`` against the columns of ``V``."""
+    h = V.T @ w
+    w = w - V @ h
+    h2 = V.T @ w
+    return w - V @ h2, h + h2
+
+
+def _random_unit(D: int, g: torch.Generator, op: LinearOperator, V: Tensor | None) -> Tensor:
+    v = sample_probes((D, 1), "gaussian", g, op.dtype, op.device)[:, 0]
+    if V is not None and V.shape[1] > 0:
+        v, _ = _orthogonalise(v, V)
+    return v / v.norm()
+
+
+def _thick_restart_lanczos(op, k, which, generator, ncv, tol, max_restarts):
+    D = op.shape[0]
+    g, _ = resolve_generator(generator)
+    eps = torch.finfo(op.dtype).eps
+    tol = eps**0.75 if tol is None else float(tol)
+    m = min(D, max(2 * k + 1, k + 20) if ncv is None else max(int(ncv), k + 1))
+    V = torch.zeros(D, m + 1, dtype=op.dtype, device=op.device)
+    T = torch.zeros(m, m, dtype=op.dtype, device=op.device)
+    V[:, 0] = _random_unit(D, g, op, None)
+    p = 0  # number of locked-in (restart) vectors whose rows of T are set
+    anorm = torch.zeros((), dtype=op.dtype, device=op.device)
+    for restart in range(max_restarts + 1):
+        beta = torch.zeros((), dtype=op.dtype, device=op.device)
+        for j in range(p, m):
+            w = op.matmat(V[:, j])
+            w, h = _orthogonalise(w, V[:, : j + 1])
+            T[: j + 1, j] = h
+            T[j, : j + 1] = h
+            beta = w.norm()
+            anorm = torch.maximum(anorm, h.abs().max())
+            if j + 1 == D:
+                beta = beta.new_zeros(())
+                V[:, j + 1] = 0
+            elif beta <= D * eps * anorm.clamp_min(eps):
+                beta = beta.new_zeros(())  # invariant subspace: continue with a new direction
+                V[:, j + 1] = _random_unit(D, g, op, V[:, : j + 1])
+            else:
+                V[:, j + 1] = w / beta
+        theta, U = torch.linalg.eigh((T + T.T) / 2)
+        order = _preference(theta, which)
+        wanted = order[:k]
+        residual = (beta * U[-1, wanted]).abs()
+        scale = theta.abs().max().clamp_min(torch.finfo(op.dtype).tiny)
+        if m == D or bool((residual <= tol * scale).all()):
+            break
+        if restart == max_restarts:
+            warnings.warn(
+                f"Lanczos did not converge in {max_restarts} restarts: largest relative residual "
+                f"{float(residual.max() / scale):.2e} > tol {tol:.1e}; raise max_restarts or ncv",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            break
+        p = min(m - 1, k + (m - k) // 2)
+        keep = order[:p]
+        Vk = V[:, :m] @ U[:, keep]
+        V[:, :p] = Vk
+        V[:, p] = V[:, m]
+        V[:, p + 1 :] = 0
+        T.zero_()
+        T[:p, :p] = torch.diag(theta[keep])
+    vecs = V[:, :m] @ U[:, wanted]
+    return theta[wanted], vecs
+
+
+def _scipy_eigsh(op, k, which, generator, ncv, tol):
+    D = op.shape[0]
+    if k >= D:
+        raise ValueError(f"method='scipy' (ARPACK) needs k < D = {D}; use method='lanczos'")
+    g, _ = resolve_generator(generator)
+    v0 = sample_probes((D, 1), "gaussian", g, torch.float64, "cpu")[:, 0].numpy()
+    vals, vecs = scipy.sparse.linalg.eigsh(
+        op.to_scipy(), k=k, which=which, v0=v0, ncv=ncv, tol=0 if tol is None else tol
+    )
+    vals_t = torch.as_tensor(np.asarray(vals), dtype=op.dtype, device=op.device)
+    vecs_t = torch.as_tensor(np.asarray(vecs), dtype=op.dtype, device=op.device)
+    return vals_t, vecs_t
+
+
+def lanczos_tridiag(
+    op: LinearOperator, V0: Tensor, num_steps: int, reorthogonalize: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Lanczos on ``P`` starting vectors at once: one ``(D, P)`` product per step.
+
+    Args:
+        op: a symmetric operator.
+        V0: ``(D, P)`` starting vectors (normalised here).
+        num_steps: Lanczos steps (at most ``D``).
+        reorthogonalize: full reorthogonalisation of each run against its own basis (costs
+            ``num_steps * D * P`` memory).
+
+    Returns:
+        ``(alpha, beta, steps)``: ``alpha`` ``(P, num_steps)`` diagonals, ``beta``
+        ``(P, num_steps - 1)`` off-diagonals of each run's tridiagonal matrix, and ``steps``
+        ``(P,)`` the number of valid steps per run (a run stops early at an invariant
+        subspace; its later entries are zero).
+    """
+    D, P = V0.shape
+    num_steps = min(num_steps, D)
+    eps = torch.finfo(op.dtype).eps
+    v = V0 / V0.norm(dim=0, keepdim=True)
+    basis = (
+        torch.zeros(num_steps, D, P, dtype=op.dtype, device=op.device) if reorthogonalize else None
+    )
+    alpha = torch.zeros(P, num_steps, dtype=op.dtype, device=op.device)
+    beta = torch.zeros(P, max(num_steps - 1, 0), dtype=op.dtype, device=op.device)
+    active = torch.ones(P, dtype=torch.bool, device=op.device)
+    steps = torch.zeros(P, dtype=torch.long, device=op.device)
+    v_prev = torch.zeros_like(v)
+    b_prev = torch.zeros(P, dtype=op.dtype, device=op.device)
+    scale = torch.zeros(P, dtype=op.dtype, device=op.device)
+    for j in range(num_steps):
+        if basis is not None:
+            basis[j] = v
+        w = op.matmat(v)
+        a = (v * w).sum(0)
+        alpha[:, j] = torch.where(active, a, torch.zeros_like(a))
+        steps += active.long()
+        w = w - a * v - b_prev * v_prev
+        if basis is not None:
+            for _ in range(2):
+                coeff = torch.einsum("jdp,dp->jp", basis[: j + 1], w)
+                w = w - torch.einsum("jdp,jp->dp", basis[: j + 1], coeff)
+        b = w.norm(dim=0)
+        scale = torch.maximum(scale, a.abs() + b)
+        if j + 1 == num_steps:
+            break
+        active = active & (b > D * eps * scale.clamp_min(eps))
+        b = torch.where(active, b, torch.zeros_like(b))
+        beta[:, j] = b
+        v_prev = v
+        v = torch.where(active, w / b.clamp_min(torch.finfo(op.dtype).tiny), torch.zeros_like(w))
+        b_prev = b
+    return alpha, beta, steps

@@ -1,0 +1,82 @@
+"""``curvkit.spectral_density`` (stochastic Lanczos quadrature)."""
+
+import pytest
+import torch
+
+import curvkit as ck
+from curvkit.linop import LinearOperator
+from tests.cases import dense_hessian, make_case
+from tests.spectra import family_matrix
+
+
+class Counting(LinearOperator):
+    def __init__(self, A):
+        super().__init__(tuple(A.shape), A.dtype, A.device, symmetric=True)
+        self.A, self.calls, self.columns = A, 0, 0
+
+    def _matmat(self, V):
+        self.calls += 1
+        self.columns += V.shape[1]
+        return self.A @ V
+
+
+def test_moments_match_traces_of_powers_on_network_hessian():
+    H = dense_hessian(make_case("cnn", "ce-mean", [4, 2]))
+    D = H.shape[0]
+    res = ck.spectral_density(
+        H, num_probes=400, num_steps=10, generator=torch.Generator().manual_seed(0)
+    )
+    P = torch.eye(D, dtype=H.dtype)
+    for j in (1, 2, 3):
+        P = P @ H
+        truth = torch.trace(P) / D
+        est = res.moment(j)
+        assert abs(float(est.value - truth)) < 4 * float(est.stderr), f"moment {j}"
+    # the smoothed density's mean is the quadrature mean, its variance adds sigma^2
+    torch.testing.assert_close(res.smoothed_moment(1), res.moment(1).value, rtol=1e-6, atol=1e-9)
+    var_q = res.moment(2).value - res.moment(1).value ** 2
+    var_s = res.smoothed_moment(2) - res.smoothed_moment(1) ** 2
+    torch.testing.assert_close(var_s, var_q + res.sigma**2, rtol=1e-4, atol=1e-9)
+
+
+def test_density_integrates_to_one_and_batches_probes():
+    A, lam = family_matrix("indefinite", 90)
+    op = Counting(A)
+    res = ck.spectral_density(
+        op, num_probes=8, num_steps=30, generator=torch.Generator().manual_seed(1)
+    )
+    grid, density = res[0], res[1]
+    assert grid.shape == density.shape == (1000,)
+    torch.testing.assert_close(torch.trapezoid(density, grid), torch.tensor(1.0, dtype=A.dtype))
+    assert (density >= 0).all()
+    assert op.calls == 30 and op.columns == 8 * 30 == res.num_matvecs  # one (D, P) block per step
+    assert res.nodes.shape == res.weights.shape == (8, 30)
+    torch.testing.assert_close(res.weights.sum(-1), torch.ones(8, dtype=A.dtype))
+    # nodes lie inside the spectrum, and the extreme ones are found after 30 steps
+    assert float(res.nodes.min()) >= float(lam.min()) - 1e-10
+    assert abs(float(res.nodes.max()) - float(lam.max())) < 1e-6
+
+
+def test_full_krylov_space_recovers_exact_spectrum():
+    lam = torch.tensor([-1.0, 0.0, 0.5, 2.0, 2.0], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))
+    A = (U * lam) @ U.T
+    res = ck.spectral_density(
+        A, num_probes=3, num_steps=20, generator=torch.Generator().manual_seed(0)
+    )
+    # breakdown (repeated eigenvalue): padding carries no weight; every node is an eigenvalue
+    mask = res.weights > 1e-12
+    dist = (res.nodes[mask][:, None] - lam[None, :]).abs().min(-1).values
+    assert float(dist.max()) < 1e-8
+
+
+def test_custom_grid_sigma_and_errors():
+    A, _ = family_matrix("poly1", 40)
+    grid = torch.linspace(-0.5, 1.5, 301, dtype=torch.float64)
+    res = ck.spectral_density(A, num_probes=4, num_steps=10, grid=grid, sigma=0.05)
+    assert torch.equal(res.grid, grid) and res.sigma == 0.05
+    with pytest.raises(ValueError):
+        ck.spectral_density(A, num_probes=0)
+    with pytest.raises(ValueError, match="sigma"):
+        ck.spectral_density(A, sigma=-1.0)

@@ -9,6 +9,7 @@ import torch
 
 import curvkit as ck
 from curvkit.estimators.control_variates import ggn_cv_diagonal, ggn_cv_trace, parameter_blocks
+from curvkit.estimators.diagonal import diagonal
 from curvkit.estimators.trace import trace
 from tests.cases import CASE_SPECS, make_case
 from tests.test_ggn import oracles, rel
@@ -43,7 +44,8 @@ def test_relu_networks_ggn_cv_is_exact(spec) -> None:
     assert float(t.stderr) < 1e-12 * scale
     lo, hi = t.ci
     assert float(hi - lo) < 1e-11 * scale
-    d = ggn_cv_diagonal(H, 12, _gen(1))
+    d = diagonal(H, method="ggn-cv", num_matvecs=12, generator=_gen(1))
+    assert d.method == "ggn-cv" and d.value.shape == (H.shape[0],)
     assert rel(d.value, H_dense.diagonal()) < 1e-12
     assert float(d.stderr.max()) < 1e-12 * scale
     # full-vector probes of R pick up its cross-layer blocks: no longer exact

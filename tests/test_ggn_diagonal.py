@@ -14,7 +14,8 @@ from curvkit.estimators.control_variates import (
     hessian_backpack_diagonal,
     hessian_backpack_trace,
 )
-from curvkit.estimators.trace import TRACE_METHODS
+from curvkit.estimators.diagonal import DIAGONAL_METHODS, diagonal
+from curvkit.estimators.trace import TRACE_METHODS, trace
 from tests.cases import CASE_SPECS, case_ids, make_case
 from tests.test_ggn import oracles, rel
 
@@ -127,7 +128,11 @@ def test_registry_entries() -> None:
     G = ck.GGNOperator(case.model, case.loss_fn, case.data)
     for name in ("ggn-exact", "ggn-mc", "ggn-backpack", "hessian-backpack", "ggn-cv"):
         assert name in TRACE_METHODS
-    t = TRACE_METHODS["ggn-exact"](G, None, None)
+    for name in ("ggn-exact", "ggn-mc", "ggn-backpack", "hessian-backpack", "ggn-cv"):
+        assert name in DIAGONAL_METHODS
+    d = diagonal(G, method="ggn-mc", num_matvecs=3, generator=torch.Generator().manual_seed(0))
+    assert d.method == "ggn-mc" and d.info["mc_samples"] == 3 and d.dof == 2
+    t = trace(G, method="ggn-exact")
     assert float(t.value) == pytest.approx(float(ggn_exact_trace(G).value), rel=1e-14)
     assert rel(ggn_exact_diagonal(G).value, G.diagonal().value) < 1e-14
     H = ck.HessianOperator(case.model, case.loss_fn, case.data)

@@ -457,10 +457,8 @@ def register_ggn_methods() -> None:
             "hessian-backpack": hessian_backpack_trace,
         }
     )
-    try:
-        from curvkit.estimators.diagonal import DIAGONAL_METHODS
-    except ImportError:  # the diagonal module is not there yet
-        return
+    from curvkit.estimators.diagonal import DIAGONAL_METHODS
+
     DIAGONAL_METHODS.update(
         {
             "ggn-cv": ggn_cv_diagonal,

@@ -68,7 +68,9 @@ def test_unknown_method_and_auto():
     with pytest.raises(ValueError, match="unknown diagonal method 'xdaig'.*'xdiag'"):
         ck.diagonal(A, "xdaig")
     assert ck.diagonal(A).method == "exact"
-    assert ck.diagonal(A, "auto", 10, _gen()).method in DIAGONAL_METHODS
+    assert ck.diagonal(A, "auto", 10, _gen()).method == "xdiag"
+    assert ck.diagonal(A, "auto", 5, _gen()).method == "hutchinson"
+    assert "xdiag" in DIAGONAL_METHODS
 
 
 def test_reproducible():

@@ -22,6 +22,9 @@ from curvkit.operators.base import CurvatureOperator, preserved_state
 
 __all__ = ["HessianOperator"]
 
+#: most probes a block trial of backend="auto" runs per candidate
+TRIAL_PROBES = 8
+
 
 class HessianOperator(CurvatureOperator):
     """``H = d^2 L / d theta^2`` of the loss ``L`` over all of ``data``.
@@ -38,11 +41,12 @@ class HessianOperator(CurvatureOperator):
     Backend choice (``backend="auto"``): at the first product of each kind, a single vector
     (``K = 1``) or a block (``K > 1``), every candidate backend runs on the first batch, is
     checked against double backward (agreement to ``sqrt(eps)`` relative; a candidate that
-    errs or disagrees is dropped) and timed once warm; the fastest is cached and used from
-    then on. ``self.backend`` is the backend of the latest product (``"auto"`` before the
-    first), ``self.backend_choices`` the cached choice per kind, and ``self.backend_trials``
-    the trial's seconds (or the reason a candidate was dropped). Results never depend on the
-    choice beyond rounding. Pass a backend name to skip the trial.
+    errs or disagrees is dropped) and timed once, on at most 8 probes, after a warm-up
+    product; the fastest is cached and used from then on. ``self.backend`` is the backend
+    of the latest product (``"auto"`` before the first), ``self.backend_choices`` the cached
+    choice per kind, and ``self.backend_trials`` the trial's seconds (or the reason a
+    candidate was dropped). Results never depend on the choice beyond rounding. Pass a
+    backend name to skip the trial.
 
     Args:
         model, loss_fn, data, params, reduction, check_deterministic: see
@@ -116,31 +120,34 @@ class HessianOperator(CurvatureOperator):
         return ["double-backward", "batched", "forward-over-reverse"]
 
     def _trial(self, kind: str, X, y, weight: float, probes: list[Tensor]) -> list[Tensor]:
-        """Run every candidate on this batch, keep the fastest that agrees; return its result."""
-        chunk = min(probes[0].shape[0], self.chunk_size)
+        """Run every candidate on this batch, keep the fastest that agrees; return its result.
+
+        Double backward runs first, untimed: it warms the process up and is the reference.
+        Then every candidate (double backward again) runs once, timed, on at most
+        ``TRIAL_PROBES`` probes (a block trial on a few probes predicts the per-probe cost).
+        """
+        chunk = min(probes[0].shape[0], self.chunk_size, TRIAL_PROBES)
         trial_probes = [v[:chunk] for v in probes]
         tol = torch.finfo(self.dtype).eps ** 0.5
         timings: dict[str, float | str] = {}
-        reference: list[Tensor] | None = None
+        reference = self._run("double-backward", X, y, weight, trial_probes)
         for name in self._candidates(kind):
             try:
-                out = self._run(name, X, y, weight, trial_probes)  # warm-up, checked
-                if reference is None:
-                    reference = out
-                else:
-                    err = _rel_diff(out, reference)
-                    if not err <= tol:
-                        timings[name] = f"disagrees with double-backward (rel. diff. {err:.1e})"
-                        continue
                 self._sync()
                 start = time.perf_counter()
-                self._run(name, X, y, weight, trial_probes)
+                out = self._run(name, X, y, weight, trial_probes)
                 self._sync()
-                timings[name] = time.perf_counter() - start
+                elapsed = time.perf_counter() - start
             except RuntimeError as err:
                 if name == "double-backward":
                     raise
                 timings[name] = f"{type(err).__name__}: {str(err)[:200]}"
+                continue
+            err = _rel_diff(out, reference)
+            if not err <= tol:
+                timings[name] = f"disagrees with double-backward (rel. diff. {err:.1e})"
+                continue
+            timings[name] = elapsed
         timed = {n: t for n, t in timings.items() if isinstance(t, float)}
         choice = min(timed, key=timed.get)
         self.backend_trials[kind] = timings

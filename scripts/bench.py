@@ -1,0 +1,712 @@
+"""Curvature-product benchmark: every way of computing H @ v, as ratios to one eager gradient.
+
+For each model and batch size a fresh worker process measures, side by side on the same
+batch: one eager gradient (``torch.autograd.grad``, the unit), a compiled gradient
+(``--compile``), curvkit's ``HessianOperator`` (``backend="auto"``) for one product and for
+``K`` probes in one ``H @ V`` (per probe), curvkit's ``GGNOperator`` likewise (when it
+exists), and the peers' ways: plain double backward, ``torch.func`` ``jvp(grad)``,
+curvlinops 3.0.1 ``HessianLinearOperator @ v`` and BackPACK ``hessian_vector_product``.
+
+Timing: after warm-up, rounds run every method once in turn; each method's time is divided by
+the gradient time *of the same round* and the median over rounds is reported (paired ratios
+cancel slow drifts of a shared machine). CUDA is synchronised around every timed call.
+Peak memory: on CUDA the allocator's peak above the memory held before the call; on CPU the
+growth of the process's resident-set high-water mark (``VmHWM``, reset through
+``/proc/self/clear_refs``) with glibc told to return freed blocks to the OS (so the RSS
+tracks live tensors). Memory is measured after timing, in the same worker, one call per
+method. Every product is also compared with double backward (``max_rel_diff``).
+
+Usage::
+
+    python scripts/bench.py --quick                      # about a minute on 2 CPU cores
+    python scripts/bench.py --out docs/benchmarks/cpu.json --md docs/benchmarks/cpu.md
+    python scripts/bench.py --device cuda --full --compile --out docs/benchmarks/h100.json
+    python scripts/bench.py --quick --check              # exit 1 if the issue-4 targets miss
+    python scripts/bench.py --quick --baseline docs/benchmarks/cpu-quick.json  # regression
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ---------------------------------------------------------------------- models
+
+# Sizes: "full" is the issue's grid (for a GPU); "cpu" shrinks the two big models so the
+# whole grid finishes in minutes on 2 CPU cores.
+SIZES = {
+    "full": {"resnet_width": 64, "tf_dim": 256, "tf_layers": 4, "tf_seq": 64},
+    "cpu": {"resnet_width": 16, "tf_dim": 128, "tf_layers": 2, "tf_seq": 32},
+    "tiny": {"resnet_width": 8, "tf_dim": 64, "tf_layers": 2, "tf_seq": 16},
+}
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class CifarResNet18(nn.Module):
+    """ResNet-18 for 32x32 images: 3x3 stem, no max-pool, stages of width w, 2w, 4w, 8w."""
+
+    def __init__(self, width: int = 64, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        blocks, cin = [], width
+        for i, stride in enumerate((1, 2, 2, 2)):
+            cout = width * 2**i
+            blocks += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+            cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        h = self.blocks(self.stem(x))
+        return self.head(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+class PreNormBlock(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 4 * d)
+        self.fc2 = nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        N, T, d = x.shape
+        qkv = self.qkv(self.ln1(x)).view(N, T, 3, self.heads, d // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(N, T, d))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class Transformer(nn.Module):
+    """Token and position embeddings, pre-norm causal attention blocks with GELU MLPs."""
+
+    def __init__(self, vocab: int, d: int, heads: int, layers: int, seq: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(0.02 * torch.randn(seq, d))
+        self.blocks = nn.Sequential(*[PreNormBlock(d, heads) for _ in range(layers)])
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, tokens):
+        h = self.embed(tokens) + self.pos[: tokens.shape[1]]
+        return self.head(self.ln(self.blocks(h)))
+
+
+class SequenceCrossEntropy(nn.Module):
+    reduction = "mean"
+
+    def forward(self, out, y):
+        return F.cross_entropy(out.flatten(0, 1), y.flatten())
+
+
+VOCAB = 512
+
+
+def make_problem(name: str, batch: int, sizes: str, device: str, seed: int = 0):
+    """``(model, loss_fn, X, y, description)`` in float32 on ``device``."""
+    torch.manual_seed(seed)
+    s = SIZES[sizes]
+    if name == "mlp":
+        model = nn.Sequential(
+            nn.Linear(3072, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
+        )
+        X, y, loss = torch.randn(batch, 3072), torch.randint(0, 10, (batch,)), nn.CrossEntropyLoss()
+        desc = "MLP 3072-1024-1024-10, ReLU"
+    elif name == "cnn":
+        model = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 8 * 8, 10),
+        )
+        X, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+        loss, desc = nn.CrossEntropyLoss(), "CNN conv16-conv32-linear, 32x32x3"
+    elif name == "resnet18":
+        w = s["resnet_width"]
+        model = CifarResNet18(width=w).eval()
+        X, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+        loss, desc = nn.CrossEntropyLoss(), f"CIFAR ResNet-18 width {w}, BN eval, 32x32x3"
+    elif name == "transformer":
+        d, L, T = s["tf_dim"], s["tf_layers"], s["tf_seq"]
+        model = Transformer(VOCAB, d, heads=4, layers=L, seq=T)
+        X, y = torch.randint(0, VOCAB, (batch, T)), torch.randint(0, VOCAB, (batch, T))
+        loss = SequenceCrossEntropy()
+        desc = f"transformer {L} pre-norm blocks, d={d}, 4 heads, T={T}, vocab {VOCAB}, GELU"
+    else:
+        raise ValueError(f"unknown model {name!r}")
+    return model.to(device), loss, X.to(device), y.to(device), desc
+
+
+# ---------------------------------------------------------------------- methods
+def build_methods(model, loss_fn, X, y, ks, compile_grad: bool):
+    """name -> (callable returning a list of per-parameter products or grads, probes per call)."""
+    import curvkit as ck
+    from curvkit.autodiff import differentiable_attention
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    D = sum(p.numel() for p in params)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    v_flat = torch.randn(D, generator=g).to(X.device)
+    V_flat = {k: torch.randn(D, k, generator=g).to(X.device) for k in ks}
+    v = [t.reshape(p.shape) for t, p in zip(v_flat.split([p.numel() for p in params]), params)]
+
+    def grad():
+        return torch.autograd.grad(loss_fn(model(X), y), params)
+
+    methods = {"grad": (grad, 1)}
+    if compile_grad:
+        cmodel = torch.compile(model)
+
+        def grad_compiled():
+            return torch.autograd.grad(loss_fn(cmodel(X), y), params)
+
+        methods["grad_compiled"] = (grad_compiled, 1)
+
+    H = ck.HessianOperator(model, loss_fn, (X, y), check_deterministic=False)
+    methods["curvkit"] = (lambda: H @ v_flat, 1)
+    for k in ks:
+        methods[f"curvkit_k{k}"] = ((lambda k=k: H @ V_flat[k]), k)
+
+    def double_backward():
+        gr = torch.autograd.grad(loss_fn(model(X), y), params, create_graph=True)
+        return torch.autograd.grad(gr, params, v)
+
+    methods["double_backward"] = (double_backward, 1)
+
+    from torch.func import functional_call, jvp
+    from torch.func import grad as func_grad
+
+    primals = {n: p.detach() for n, p in zip(names, params)}
+    tangents = dict(zip(names, v))
+
+    def f(pdict):
+        return loss_fn(functional_call(model, pdict, (X,)), y)
+
+    def func_jvp_grad():
+        return jvp(func_grad(f), (primals,), (tangents,))[1]
+
+    methods["func_jvp_grad"] = (func_jvp_grad, 1)
+    try:
+        from curvlinops import HessianLinearOperator
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            Hc = HessianLinearOperator(
+                model, loss_fn, params, [(X, y)], progressbar=False, check_deterministic=False
+            )
+        methods["curvlinops"] = (lambda: Hc @ v_flat, 1)
+    except ImportError:
+        pass
+    try:
+        from backpack.hessianfree.hvp import hessian_vector_product
+
+        def backpack_hvp():
+            return hessian_vector_product(loss_fn(model(X), y), params, v)
+
+        methods["backpack"] = (backpack_hvp, 1)
+    except ImportError:
+        pass
+    try:
+        G = ck.GGNOperator(model, loss_fn, (X, y), check_deterministic=False)
+        methods["ggn"] = (lambda: G @ v_flat, 1)
+        for k in ks:
+            methods[f"ggn_k{k}"] = ((lambda k=k: G @ V_flat[k]), k)
+    except (AttributeError, ImportError, TypeError):
+        G = None
+    return methods, H, G, differentiable_attention
+
+
+def _flat(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out.detach().reshape(-1) if out.ndim <= 1 else out.detach()[:, 0]
+    if isinstance(out, dict):
+        out = list(out.values())
+    return torch.cat([o.detach().reshape(-1) for o in out])
+
+
+# ---------------------------------------------------------------------- measurement
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+_LIBC = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _LIBC = False
+    return _LIBC
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def peak_memory(fn, device) -> float:
+    """Bytes the call needs above what the process holds before it."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        del out
+        return float(peak)
+    libc = _libc()
+    if libc:
+        libc.malloc_trim(0)
+    before = _rss_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as fh:  # reset VmHWM to the current RSS
+        fh.write("5")
+    out = fn()
+    peak = _rss_kib("VmHWM") - before
+    del out
+    return float(peak * 1024)
+
+
+def measure(spec: dict) -> dict:
+    """One (model, batch) configuration; runs in its own worker process."""
+    device = torch.device(spec["device"])
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    model, loss_fn, X, y, desc = make_problem(spec["model"], spec["batch"], spec["sizes"], device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        methods, H, G, differentiable_attention = build_methods(
+            model, loss_fn, X, y, spec["ks"], spec["compile"]
+        )
+    out = {
+        "model": spec["model"],
+        "description": desc,
+        "batch": spec["batch"],
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "methods": {},
+    }
+    results = {}
+    with warnings.catch_warnings(), differentiable_attention():
+        warnings.simplefilter("ignore")
+        # warm-up (compiles, curvkit's auto trial, allocator)
+        for name, (fn, _) in list(methods.items()):
+            try:
+                t0 = time.perf_counter()
+                for _ in range(spec["warmup"]):
+                    results[name] = fn()
+                _sync(device)
+                out["methods"].setdefault(name, {})["warmup_s"] = time.perf_counter() - t0
+            except Exception as err:  # a peer that cannot handle the model
+                out["methods"][name] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+                del methods[name]
+        ref = _flat(results["double_backward"])
+        for name, res in results.items():
+            if name.startswith("grad") or name not in methods:
+                continue
+            if name.startswith("ggn"):
+                continue
+            got = _flat(res)
+            out["methods"][name]["rel_diff_vs_double_backward"] = float(
+                (got - ref).norm() / ref.norm()
+            )
+        if G is not None and "ggn" in results:
+            gg = _flat(results["ggn"])
+            for k in spec["ks"]:
+                if f"ggn_k{k}" in results:
+                    out["methods"][f"ggn_k{k}"]["rel_diff_vs_ggn"] = float(
+                        (_flat(results[f"ggn_k{k}"]) - gg).norm() / gg.norm()
+                    )
+        results.clear()
+        # timing rounds: paired ratios to the gradient of the same round
+        times = {n: [] for n in methods}
+        budget_end = time.perf_counter() + spec["budget_s"]
+        rounds = 0
+        while rounds < spec["repeats"] and (
+            rounds < spec["min_repeats"] or time.perf_counter() < budget_end
+        ):
+            for name, (fn, _) in methods.items():
+                _sync(device)
+                t0 = time.perf_counter()
+                res = fn()
+                _sync(device)
+                times[name].append(time.perf_counter() - t0)
+                del res
+            rounds += 1
+        grad_times = times["grad"]
+        for name, (_, k) in methods.items():
+            ratios = [t / k / gt for t, gt in zip(times[name], grad_times)]
+            m = out["methods"][name]
+            m["probes"] = k
+            m["median_s"] = statistics.median(times[name])
+            m["ratio"] = statistics.median(ratios)  # per probe, to the eager gradient
+            m["ratio_q25"], m["ratio_q75"] = _quartiles(ratios)
+        if "grad_compiled" in methods:
+            gc_t = times["grad_compiled"]
+            for name, (_, k) in methods.items():
+                rs = [t / k / c for t, c in zip(times[name], gc_t)]
+                out["methods"][name]["ratio_to_compiled"] = statistics.median(rs)
+        out["rounds"] = rounds
+        # memory phase
+        if device.type == "cpu" and _libc():
+            # big blocks are mmap'd and unmapped on free, so the RSS follows live memory
+            _libc().mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+            _libc().mallopt(-1, 0)  # M_TRIM_THRESHOLD
+        for name, (fn, _) in methods.items():
+            fn()  # re-warm with the new allocator settings
+            out["methods"][name]["peak_bytes"] = peak_memory(fn, device)
+        gmem = out["methods"]["grad"]["peak_bytes"]
+        for name in methods:
+            out["methods"][name]["memory_ratio"] = out["methods"][name]["peak_bytes"] / max(
+                gmem, 1.0
+            )
+    out["curvkit_backend"] = dict(H.backend_choices)
+    out["curvkit_trials"] = {
+        kind: {n: (round(t, 6) if isinstance(t, float) else t) for n, t in trial.items()}
+        for kind, trial in H.backend_trials.items()
+    }
+    if G is not None:
+        out["ggn_backend"] = getattr(G, "backend", None)
+    return out
+
+
+def _quartiles(xs):
+    if len(xs) < 2:
+        return xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4)
+    return q[0], q[2]
+
+
+# ---------------------------------------------------------------------- grid and report
+def grid(args) -> list[dict]:
+    if args.quick:
+        models, batches, ks = ["mlp", "cnn", "resnet18", "transformer"], [32], [8]
+    else:
+        models, batches = args.models.split(","), [int(b) for b in args.batch_sizes.split(",")]
+        ks = [int(k) for k in args.ks.split(",")]
+    specs = []
+    for m in models:
+        for b in batches:
+            specs.append(
+                {
+                    "model": m,
+                    "batch": b,
+                    "ks": ks,
+                    "device": args.device,
+                    "sizes": args.sizes,
+                    "compile": args.compile,
+                    "warmup": args.warmup,
+                    "repeats": args.repeats,
+                    "min_repeats": args.min_repeats,
+                    "budget_s": args.budget_s,
+                    "threads": args.threads,
+                }
+            )
+    return specs
+
+
+def run_worker(spec: dict, timeout: float) -> dict:
+    cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        return {**{k: spec[k] for k in ("model", "batch")}, "error": proc.stderr[-2000:]}
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res["wall_s"] = time.perf_counter() - t0
+    return res
+
+
+def geomean(xs):
+    xs = [x for x in xs if x is not None and x > 0 and math.isfinite(x)]
+    return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else None
+
+
+PEERS = ["double_backward", "func_jvp_grad", "curvlinops", "backpack"]
+
+
+def summarise(rows: list[dict], ks: list[int]) -> dict:
+    ok = [r for r in rows if "methods" in r]
+
+    def col(name, key="ratio"):
+        return [r["methods"].get(name, {}).get(key) for r in ok]
+
+    summary = {"geomean_ratio": {}, "geomean_memory_ratio": {}}
+    names = sorted({n for r in ok for n in r["methods"]})
+    for n in names:
+        summary["geomean_ratio"][n] = geomean(col(n))
+        summary["geomean_memory_ratio"][n] = geomean(col(n, "memory_ratio"))
+    worst = None
+    for r in ok:
+        peers = [r["methods"][p]["ratio"] for p in PEERS if "ratio" in r["methods"].get(p, {})]
+        if peers and "ratio" in r["methods"].get("curvkit", {}):
+            rel = r["methods"]["curvkit"]["ratio"] / min(peers)
+            worst = rel if worst is None else max(worst, rel)
+    summary["worst_curvkit_over_fastest_peer"] = worst
+    return summary
+
+
+def check_targets(summary: dict, ks: list[int], margin: float) -> list[str]:
+    """The issue-4 targets; returns the misses beyond ``margin`` (relative)."""
+    g, m = summary["geomean_ratio"], summary["geomean_memory_ratio"]
+    misses = []
+
+    def want(label, value, target):
+        if value is None:
+            return
+        status = "ok" if value <= target * (1 + margin) else "MISS"
+        print(f"  {status:4s} {label}: {value:.2f} (target <= {target}, margin {margin:.0%})")
+        if status == "MISS":
+            misses.append(label)
+
+    print("issue-4 targets:")
+    want("one HessianOperator product / eager gradient (geomean)", g.get("curvkit"), 2.0)
+    want("one product's peak memory / gradient's (geomean)", m.get("curvkit"), 2.0)
+    for k in ks:
+        want(f"K={k} products, per probe / eager gradient (geomean)", g.get(f"curvkit_k{k}"), 1.0)
+        want(f"K={k} products, peak memory / gradient's (geomean)", m.get(f"curvkit_k{k}"), 4.0)
+        if g.get(f"ggn_k{k}") is not None:
+            want(f"GGN K={k} per probe / eager gradient (geomean)", g.get(f"ggn_k{k}"), 1.0)
+    if g.get("ggn") is not None:
+        want("one GGN product / eager gradient (geomean)", g.get("ggn"), 2.0)
+    want(
+        "curvkit single product / fastest peer, worst row",
+        summary["worst_curvkit_over_fastest_peer"],
+        1.0,
+    )
+    return misses
+
+
+def check_baseline(summary: dict, baseline: dict, margin: float) -> list[str]:
+    """Regressions: curvkit geomean ratios worse than the baseline's by more than ``margin``."""
+    misses = []
+    print(f"regression check against the baseline (margin {margin:.0%}):")
+    for name, base in baseline["summary"]["geomean_ratio"].items():
+        if not (name.startswith("curvkit") or name.startswith("ggn")) or base is None:
+            continue
+        now = summary["geomean_ratio"].get(name)
+        if now is None:
+            continue
+        status = "ok" if now <= base * (1 + margin) else "MISS"
+        print(f"  {status:4s} {name}: {now:.2f} (baseline {base:.2f})")
+        if status == "MISS":
+            misses.append(name)
+    return misses
+
+
+def _fmt(x, digits=2):
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def markdown(report: dict) -> str:
+    ks = report["config"]["ks"]
+    rows = [r for r in report["rows"] if "methods" in r]
+    has_c = any("grad_compiled" in r["methods"] for r in rows)
+    has_ggn = any("ggn" in r["methods"] for r in rows)
+    lines = [
+        f"Device: {report['device']}; torch {report['torch']}; float32; "
+        f"sizes: {report['config']['sizes']}; medians of paired ratios over rounds "
+        "(per probe for K columns). Generated by `scripts/bench.py`.",
+        "",
+    ]
+    head = ["model", "batch", "grad ms", "grad MiB"]
+    if has_c:
+        head.append("compiled grad")
+    head += ["curvkit 1", *[f"curvkit K={k}" for k in ks], "double bwd", "jvp(grad)"]
+    head += ["curvlinops", "BackPACK"]
+    if has_ggn:
+        head += ["GGN 1", *[f"GGN K={k}" for k in ks]]
+    head += ["mem curvkit 1", *[f"mem K={k}" for k in ks], "curvkit backend (1 / K)"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for r in rows:
+        M = r["methods"]
+
+        def cell(n, key="ratio", M=M):
+            return _fmt(M.get(n, {}).get(key))
+
+        g = M["grad"]
+        cells = [r["model"], str(r["batch"]), f"{1e3 * g['median_s']:.1f}"]
+        cells.append(f"{g['peak_bytes'] / 2**20:.0f}")
+        if has_c:
+            cells.append(cell("grad_compiled"))
+        cells += [cell("curvkit"), *[cell(f"curvkit_k{k}") for k in ks]]
+        cells += [cell(p) for p in PEERS]
+        if has_ggn:
+            cells += [cell("ggn"), *[cell(f"ggn_k{k}") for k in ks]]
+        cells += [cell("curvkit", "memory_ratio")]
+        cells += [cell(f"curvkit_k{k}", "memory_ratio") for k in ks]
+        b = r.get("curvkit_backend", {})
+        cells.append(f"{b.get('single', '?')} / {b.get('block', '?')}")
+        lines.append("| " + " | ".join(cells) + " |")
+    s = report["summary"]
+    g = s["geomean_ratio"]
+    lines += ["", "Geometric means (ratio to one eager gradient; memory ratio to its peak):", ""]
+    lines.append("| method | time ratio | memory ratio |")
+    lines.append("|---|---|---|")
+    for n in g:
+        lines.append(f"| {n} | {_fmt(g[n])} | {_fmt(s['geomean_memory_ratio'].get(n))} |")
+    if has_c and g.get("grad_compiled"):
+        lines += [
+            "",
+            "Ratios to the compiled gradient: divide by the `grad_compiled` column of each row "
+            "(also stored per method as `ratio_to_compiled` in the JSON).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU {cpu}, {torch.get_num_threads()} threads ({os.cpu_count()} cores)"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--quick", action="store_true", help="batch 32, K=8, few rounds, tiny sizes on CPU"
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--sizes", choices=list(SIZES), default=None, help="default: full on GPU")
+    p.add_argument("--models", default="mlp,cnn,resnet18,transformer")
+    p.add_argument("--batch-sizes", default="32,128,512")
+    p.add_argument("--ks", default="16,64")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=20, help="most timing rounds")
+    p.add_argument("--min-repeats", type=int, default=5, help="fewest timing rounds")
+    p.add_argument("--budget-s", type=float, default=60.0, help="timing budget per config")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
+    p.add_argument("--compile", action="store_true", help="also time a compiled gradient")
+    p.add_argument("--out", help="JSON file to write")
+    p.add_argument("--md", help="markdown table to write")
+    p.add_argument("--check", action="store_true", help="exit 1 if an issue-4 target misses")
+    p.add_argument("--baseline", help="JSON of an earlier run; exit 1 on regressions")
+    p.add_argument("--margin", type=float, default=0.10)
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per config")
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure(json.loads(args.worker))))
+        return 0
+    if args.sizes is None:
+        args.sizes = "full" if args.device.startswith("cuda") else "cpu"
+    if args.quick:
+        args.warmup, args.repeats, args.min_repeats, args.budget_s = 1, 7, 3, 5.0
+        if args.device == "cpu" and args.sizes == "cpu":
+            args.sizes = "tiny"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    specs = grid(args)
+    rows = []
+    t_all = time.perf_counter()
+    for spec in specs:
+        print(f"[bench] {spec['model']} batch {spec['batch']} ...", file=sys.stderr, flush=True)
+        row = run_worker(spec, args.timeout)
+        rows.append(row)
+        if "methods" in row:
+            M = row["methods"]
+            short = {n: round(m["ratio"], 2) for n, m in M.items() if "ratio" in m}
+            print(f"  {row['wall_s']:.0f}s {short}", file=sys.stderr, flush=True)
+        else:
+            print(f"  failed: {row['error'][-500:]}", file=sys.stderr, flush=True)
+    ks = specs[0]["ks"]
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    report = {
+        "device": device_name(args.device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "config": {**{k: v for k, v in specs[0].items() if k not in ("model", "batch")}},
+        "command": " ".join(["python", "scripts/bench.py", *(argv or sys.argv[1:])]),
+        "load_average_after": load,
+        "wall_s": time.perf_counter() - t_all,
+        "rows": rows,
+    }
+    report["config"]["batch_sizes"] = sorted({r["batch"] for r in rows})
+    report["summary"] = summarise(rows, ks)
+    md = markdown(report)
+    print(md)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    if args.md:
+        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.md).write_text(md)
+    misses = []
+    if args.check:
+        misses += check_targets(report["summary"], ks, args.margin)
+    if args.baseline:
+        misses += check_baseline(
+            report["summary"], json.loads(Path(args.baseline).read_text()), args.margin
+        )
+    if any("error" in r for r in rows):
+        misses.append("a configuration failed")
+    if misses and (args.check or args.baseline):
+        print(f"FAILED: {misses}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,7 +14,7 @@ def _gen(seed=0):
 
 
 @pytest.mark.parametrize(
-    "spec", [("mlp-relu", "ce-mean", [3, 5, 2]), ("bn-eval", "ce-mean", [3, 5])]
+    "spec", [("mlp-relu", "ce-mean", [3, 5, 2]), ("mlp-tanh", "mse-mean", [7])]
 )
 def test_exact_matches_oracle(spec):
     case = make_case(*spec)

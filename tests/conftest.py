@@ -13,3 +13,9 @@ def case(request):
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(1234)
+
+
+def pytest_configure(config):
+    # Tests use small tensors: one intra-op thread avoids oversubscription on busy 2-core
+    # machines (measured 100x slowdowns of tiny ops with 2 threads under load).
+    torch.set_num_threads(1)

@@ -251,9 +251,21 @@ def q_trace(ctx: PointContext, opt: dict) -> Measured:
     return m
 
 
+def _supported(fn: Callable, options: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``options`` that ``fn`` accepts (zero/empty values mean its default)."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return {k: v for k, v in options.items() if v and (takes_any or k in params)}
+
+
 def q_eigenvalues(ctx: PointContext, opt: dict) -> Measured:
     m = Measured()
     rows = []
+    extra = _supported(
+        ck.eigenvalues, {"tol": opt["tol"], "max_restarts": opt["max_restarts"], "ncv": opt["ncv"]}
+    )
     for which, k, name in (
         ("LA", opt["top_k"], "lambda_max"),
         ("SA", opt["bottom_k"], "lambda_min"),
@@ -262,7 +274,9 @@ def q_eigenvalues(ctx: PointContext, opt: dict) -> Measured:
             continue
         op = CountingOperator(ctx.H)
         k_eff = min(k, op.shape[0] - 1)
-        vals = ck.eigenvalues(op, k=k_eff, which=which, generator=ctx.generator(f"eig-{which}"))
+        vals = ck.eigenvalues(
+            op, k=k_eff, which=which, generator=ctx.generator(f"eig-{which}"), **extra
+        )
         vals = torch.as_tensor(vals).detach().cpu().double().reshape(-1).sort().values
         extreme = vals[-1] if which == "LA" else vals[0]
         m.add(name, _f(extreme), 0.0, "lanczos", op.count)
@@ -276,9 +290,9 @@ def q_eigenvalues(ctx: PointContext, opt: dict) -> Measured:
 def q_density(ctx: PointContext, opt: dict) -> Measured:
     m = Measured()
     op = CountingOperator(ctx.H)
-    kwargs = {k: opt[k] for k in ("num_probes", "num_steps", "grid_size") if opt.get(k)}
-    if opt.get("sigma"):
-        kwargs["sigma"] = opt["sigma"]
+    kwargs = _supported(
+        ck.spectral_density, {k: opt[k] for k in ("num_probes", "num_steps", "grid_size", "sigma")}
+    )
     out = ck.spectral_density(op, generator=ctx.generator("density"), **kwargs)
     grid, dens = (torch.as_tensor(t).detach().cpu().double() for t in (out[0], out[1]))
     neg = float(torch.trapezoid(torch.where(grid < 0, dens, 0.0), grid))
@@ -504,7 +518,9 @@ QUANTITIES: dict[str, QuantitySpec] = {
         q_trace, {"method": "hutch++", "num_matvecs": 30}, "Hessian trace (ck.trace)"
     ),
     "eigenvalues": QuantitySpec(
-        q_eigenvalues, {"top_k": 5, "bottom_k": 1}, "top-k and bottom-k eigenvalues"
+        q_eigenvalues,
+        {"top_k": 5, "bottom_k": 1, "tol": 1e-4, "max_restarts": 50, "ncv": 0},
+        "top-k and bottom-k eigenvalues (Lanczos; relative tolerance tol, 0: default)",
     ),
     "density": QuantitySpec(
         q_density,

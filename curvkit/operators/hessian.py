@@ -14,6 +14,7 @@ from curvkit.autodiff import (
     BACKENDS,
     FORWARD_MODE_BACKENDS,
     batch_hvp,
+    check_finite,
     chunk_size_for,
     differentiable_attention,
     graph_bytes,
@@ -167,7 +168,7 @@ class HessianOperator(CurvatureOperator):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _run(self, name: str, X, y, weight: float, probes: list[Tensor]) -> list[Tensor]:
+    def _run(self, name: str, X, y, weight: float, probes: list[Tensor], out=None) -> list[Tensor]:
         return batch_hvp(
             self.model,
             self.loss_fn,
@@ -179,17 +180,51 @@ class HessianOperator(CurvatureOperator):
             probes,
             name,
             self.chunk_size,
+            out,
         )
 
-    def _batch_matmat(self, X, y, weight: float, probes: list[Tensor]) -> list[Tensor]:
+    def _matmat(self, V: Tensor) -> Tensor:
+        """``H @ V`` accumulated in one ``(K, D)`` buffer: probes and results are views.
+
+        Same semantics as :meth:`CurvatureOperator._matmat`, without its per-parameter
+        transposes, stacks and concatenations, which cost more than the products themselves
+        on a wide model with a small batch.
+        """
+        K = V.shape[1]
+        sizes = [p.numel() for p in self.params]
+        # one transposing copy of the block: every probe contiguous (strided probes slow
+        # down every op of the second backward); no copy for K = 1
+        rows = V.T.contiguous()
+        probes = [
+            piece.view(K, *p.shape) for piece, p in zip(rows.split(sizes, dim=1), self.params)
+        ]
+        buffer = torch.zeros(K, V.shape[0], dtype=self.dtype, device=self.device)
+        outs = [
+            piece.view(K, *p.shape) for piece, p in zip(buffer.split(sizes, dim=1), self.params)
+        ]
+        with preserved_state(self.model, self.device):
+            for X, y, weight in self._iter_batches():
+                self._batch_matmat(X, y, weight, probes, outs)
+        result = buffer.T
+        check_finite(result, f"the {type(self).__name__} product")
+        return result
+
+    def _batch_matmat(
+        self, X, y, weight: float, probes: list[Tensor], out: list[Tensor] | None = None
+    ) -> list[Tensor]:
         kind = "single" if probes[0].shape[0] == 1 else "block"
         with torch.enable_grad(), differentiable_attention():
             if kind not in self.backend_choices:
-                return [o.detach() for o in self._trial(kind, X, y, weight, probes)]
+                res = [o.detach() for o in self._trial(kind, X, y, weight, probes)]
+                if out is None:
+                    return res
+                for o, r in zip(out, res):
+                    o.add_(r)
+                return out
             name = self.backend_choices[kind]
             self.backend = name
             try:
-                out = self._run(name, X, y, weight, probes)
+                out = self._run(name, X, y, weight, probes, out)
             except RuntimeError as err:
                 if name not in FORWARD_MODE_BACKENDS:
                     raise
@@ -208,7 +243,7 @@ class HessianOperator(CurvatureOperator):
                     for k, v in self.backend_choices.items()
                 }
                 self.backend = "double-backward"
-                out = self._run("double-backward", X, y, weight, probes)
+                out = self._run("double-backward", X, y, weight, probes, out)
         return [o.detach() for o in out]
 
     def block_row_sums(self) -> list[Tensor]:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from curvkit.estimators.estimate import Estimate
 from curvkit.linop import LinearOperator, as_operator
 
 DEFAULT_NUM_MATVECS = 100
@@ -108,3 +109,28 @@ def solve_upper_transposed_identity(Rm: Tensor) -> Tensor:
     ``R^T x_i = e_i``. Used for the leave-one-out directions of XTrace/XDiag/XNysTrace."""
     eye = torch.eye(Rm.shape[-1], dtype=Rm.dtype, device=Rm.device).expand_as(Rm)
     return torch.linalg.solve_triangular(Rm.mT, eye, upper=False)
+
+
+def finish_estimate(
+    value: Tensor,
+    stderr: Tensor,
+    num_matvecs: int,
+    method: str,
+    dof: int | None,
+    replicates: int | None,
+    info: dict,
+    seed: int | None,
+) -> Estimate:
+    """An ``Estimate`` with replicate axes squeezed and the seed/replicates noted in info."""
+    if seed is not None:
+        info["seed"] = seed
+    if replicates is not None:
+        info["replicates"] = replicates
+    return Estimate(
+        squeeze_replicates(value, replicates),
+        squeeze_replicates(stderr, replicates),
+        num_matvecs,
+        method,
+        dof=dof,
+        info=info,
+    )

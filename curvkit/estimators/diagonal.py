@@ -52,10 +52,10 @@ from curvkit.estimators._common import (
     check_budget,
     check_replicates,
     exact_diagonal_sweep,
+    finish_estimate,
     mean_stderr,
     need_budget,
     solve_upper_transposed_identity,
-    squeeze_replicates,
     to_square_operator,
 )
 from curvkit.estimators.estimate import Estimate
@@ -141,30 +141,6 @@ def row_sum(A: LinearOperator | Tensor) -> Tensor:
     return A.row_sum()
 
 
-def _finish(
-    value: Tensor,
-    stderr: Tensor,
-    num_matvecs: int,
-    method: str,
-    dof: int | None,
-    replicates: int | None,
-    info: dict,
-    seed: int | None,
-) -> Estimate:
-    if seed is not None:
-        info["seed"] = seed
-    if replicates is not None:
-        info["replicates"] = replicates
-    return Estimate(
-        squeeze_replicates(value, replicates),
-        squeeze_replicates(stderr, replicates),
-        num_matvecs,
-        method,
-        dof=dof,
-        info=info,
-    )
-
-
 @register_diagonal_method("hutchinson", "bks")
 def hutchinson_diagonal(
     A: LinearOperator,
@@ -183,7 +159,9 @@ def hutchinson_diagonal(
     V = sample_probes((R, D, m), dist, g, A.dtype, A.device)
     value, stderr = mean_stderr(V * batched_matmat(A, V))  # (R, D)
     info = {"distribution": dist, "stderr": "sample standard error (i.i.d. probes)"}
-    return _finish(value, stderr, m, "hutchinson", m - 1 if m > 1 else None, replicates, info, seed)
+    return finish_estimate(
+        value, stderr, m, "hutchinson", m - 1 if m > 1 else None, replicates, info, seed
+    )
 
 
 @register_diagonal_method("xdiag")
@@ -226,7 +204,7 @@ def xdiag(
     value, stderr = mean_stderr(d)
     stderr = stderr * XDIAG_STDERR_INFLATION
     info["stderr"] = "heuristic: per-entry leave-one-out spread, inflated by XDIAG_STDERR_INFLATION"
-    return _finish(value, stderr, 2 * k, "xdiag", k - 1, replicates, info, seed)
+    return finish_estimate(value, stderr, 2 * k, "xdiag", k - 1, replicates, info, seed)
 
 
 @register_diagonal_method("exact")

@@ -76,6 +76,7 @@ from curvkit.estimators._common import (
     batched_matmat,
     check_budget,
     check_replicates,
+    finish_estimate,
     mean_stderr,
     need_budget,
     solve_upper_transposed_identity,
@@ -166,30 +167,6 @@ def _auto_method(op: LinearOperator, num_matvecs: int | None) -> str:
     return "xnystrace" if op.is_psd else "xtrace"
 
 
-def _finish(
-    value: Tensor,
-    stderr: Tensor,
-    num_matvecs: int,
-    method: str,
-    dof: int | None,
-    replicates: int | None,
-    info: dict,
-    seed: int | None,
-) -> Estimate:
-    if seed is not None:
-        info["seed"] = seed
-    if replicates is not None:
-        info["replicates"] = replicates
-    return Estimate(
-        squeeze_replicates(value, replicates),
-        squeeze_replicates(stderr, replicates),
-        num_matvecs,
-        method,
-        dof=dof,
-        info=info,
-    )
-
-
 # ---------------------------------------------------------------------------- hutchinson
 @register_trace_method("hutchinson")
 def hutchinson_trace(
@@ -211,7 +188,7 @@ def hutchinson_trace(
     value, stderr = mean_stderr(samples)
     info = {"distribution": dist, "stderr": "sample standard error (i.i.d. probes)"}
     dof = m - 1 if m > 1 else None
-    return _finish(value, stderr, m, "hutchinson", dof, replicates, info, seed)
+    return finish_estimate(value, stderr, m, "hutchinson", dof, replicates, info, seed)
 
 
 # ---------------------------------------------------------------------------- hutch++
@@ -244,7 +221,7 @@ def hutchpp_trace(
     samples = (Gp * batched_matmat(A, Gp)).sum(-2)  # (R, n_h)
     mean, stderr = mean_stderr(samples)
     info["stderr"] = "sample standard error of the deflated Hutchinson part (conditionally exact)"
-    return _finish(low_rank + mean, stderr, m, "hutch++", n_h - 1, replicates, info, seed)
+    return finish_estimate(low_rank + mean, stderr, m, "hutch++", n_h - 1, replicates, info, seed)
 
 
 # ---------------------------------------------------------------------------- xtrace
@@ -306,7 +283,7 @@ def xtrace(
     info["stderr"] = "heuristic: leave-one-out spread, inflated by XTRACE_STDERR_INFLATION"
     info["loo_estimates"] = t if replicates is not None else t[0]
     stderr = stderr * XTRACE_STDERR_INFLATION
-    return _finish(value, stderr, 2 * k, "xtrace", k - 1, replicates, info, seed)
+    return finish_estimate(value, stderr, 2 * k, "xtrace", k - 1, replicates, info, seed)
 
 
 def _ill_conditioning_shift(Y: Tensor, W: Tensor) -> Tensor | None:
@@ -402,7 +379,7 @@ def xnystrace(
     info["stderr"] = "heuristic: geometric mean of the leave-one-out spread and the jackknife error"
     info["stderr_loo"] = squeeze_replicates(se_loo, replicates)
     info["stderr_jackknife"] = squeeze_replicates(se_jack, replicates)
-    return _finish(value, stderr, k, "xnystrace", k - 1, replicates, info, seed)
+    return finish_estimate(value, stderr, k, "xnystrace", k - 1, replicates, info, seed)
 
 
 def _xnystrace_jackknife(b2: Tensor, N: Tensor, M: Tensor, shift: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ def results(tmp_path_factory):
         {
             "name": "figs",
             "dtype": "float64",
+            "threads": 1,
             "data": {"name": "digits", "test_fraction": 0.5},
             "models": [
                 {"name": "mlp", "width": 6, "depth": 1, "label": "MLP"},

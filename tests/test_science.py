@@ -35,7 +35,7 @@ SEEDS = [0, 1, 2]
 
 
 def _sweep(tmp_path, **cfg) -> dict[str, pd.DataFrame]:
-    base = {"name": "science", "dtype": "float64"}
+    base = {"name": "science", "dtype": "float64", "threads": 1}
     run_sweep(parse_config({**base, **cfg}), output=tmp_path, progress=False, figures=False)
     return load_tables(tmp_path)
 

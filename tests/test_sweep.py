@@ -25,6 +25,7 @@ def tiny(**over) -> dict:
     cfg = {
         "name": "tiny",
         "dtype": "float64",
+        "threads": 1,
         "data": {"name": "teacher-student-classification", "num_samples": 96, "dim": 6},
         "models": [{"name": "mlp", "width": 4, "depth": 1, "label": "mlp"}],
         "grid": {

@@ -144,6 +144,8 @@ def _value_scale(ax, values: np.ndarray) -> None:
     if (values > 0).all():
         if values.max() / values.min() > 20:
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     else:
         nonzero = np.abs(values[values != 0])
         lin = float(np.quantile(nonzero, 0.1)) if len(nonzero) else 1.0
@@ -373,7 +375,7 @@ def fig_estimator_error(tables: Tables) -> Figure | None:
         ax.set_title(model if len(models) > 1 else f"{model}: trace estimators")
         ax.set_xlabel("cost (Hessian-vector products)")
     axes[0].set_ylabel("relative error |est − tr H| / |tr H|")
-    _legend_above(fig, axes)
+    _legend_above(fig, axes, ncol=2 if len(models) == 1 else None)
     return fig
 
 

@@ -291,7 +291,13 @@ def q_density(ctx: PointContext, opt: dict) -> Measured:
     m = Measured()
     op = CountingOperator(ctx.H)
     kwargs = _supported(
-        ck.spectral_density, {k: opt[k] for k in ("num_probes", "num_steps", "grid_size", "sigma")}
+        ck.spectral_density,
+        {
+            "num_probes": opt["num_probes"],
+            "num_steps": opt["num_steps"],
+            "grid": opt["grid_size"],
+            "sigma": opt["sigma"],
+        },
     )
     out = ck.spectral_density(op, generator=ctx.generator("density"), **kwargs)
     grid, dens = (torch.as_tensor(t).detach().cpu().double() for t in (out[0], out[1]))

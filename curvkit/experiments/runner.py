@@ -357,7 +357,10 @@ def run_sweep(
     if max_points is not None:
         pending = pending[:max_points]
 
+    threads_before = torch.get_num_threads()
     if cfg.threads:
+        # Small models gain nothing from intra-op threads, and on a shared, oversubscribed
+        # machine OpenMP threads that wait for each other can slow convolutions 30-fold.
         torch.set_num_threads(cfg.threads)
     data = Dataset(
         data.name,
@@ -436,6 +439,7 @@ def run_sweep(
                 bar.update(1)
     finally:
         bar.close()
+        torch.set_num_threads(threads_before)
 
     made: list[Path] = []
     if figures:

@@ -144,6 +144,7 @@ def _value_scale(ax, values: np.ndarray) -> None:
     if (values > 0).all():
         if values.max() / values.min() > 20:
             ax.set_yscale("log")
+            ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
             ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     else:

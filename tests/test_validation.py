@@ -56,6 +56,9 @@ def test_inf_in_product(setup):
     H = ck.HessianOperator(model, loss, data)
     with pytest.raises(FloatingPointError, match="product is not finite"):
         H @ torch.full((H.shape[0],), float("inf"))
+    assert "single" not in H.backend_choices  # an inf probe decides nothing
+    assert torch.isfinite(H.row_sum()).all()
+    assert "single" in H.backend_choices
 
 
 def test_empty_and_one_shot_data(setup):

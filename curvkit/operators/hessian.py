@@ -134,6 +134,13 @@ class HessianOperator(CurvatureOperator):
         tol = torch.finfo(self.dtype).eps ** 0.5
         timings: dict[str, float | str] = {}
         reference = self._run("double-backward", X, y, weight, trial_probes)
+        if not all(bool(torch.isfinite(r).all()) for r in reference):
+            # NaN/inf probes or products leave nothing to compare against: no choice is
+            # cached, and the caller's finiteness check reports the problem
+            self.backend = "double-backward"
+            if chunk == probes[0].shape[0]:
+                return reference
+            return self._run("double-backward", X, y, weight, probes)
         alive = list(self._candidates(kind))
         for _ in range(TRIAL_ROUNDS):  # interleaved rounds, best time per candidate
             for name in list(alive):

@@ -17,15 +17,6 @@ TOL = 1e-10
 _DENSE: dict[str, torch.Tensor] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and a shared machine's cores are contended."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _dense(case) -> torch.Tensor:
     """The dense oracle, cached per case (cases are deterministic in their spec)."""
     if case.name not in _DENSE:

@@ -19,15 +19,6 @@ D = 120
 BUDGETS = [30, 48]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # batched LAPACK calls (QR of R small blocks) thrash with >1 thread on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _operator(family: str) -> tuple[DenseOperator, torch.Tensor]:
     A, lam = family_matrix(family, D)
     return DenseOperator(A, psd=family in PSD_FAMILIES), lam

@@ -19,15 +19,6 @@ from tests.cases import CASE_SPECS, DTYPE, Case, _weights, case_ids, dense_hessi
 TOL = 1e-10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: intra-op threads only add synchronisation (100x slower on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def dense_ggn(case: Case, params: list[Tensor] | None = None) -> Tensor:
     """``sum_groups J^T Lambda J`` in float64.
 

@@ -27,15 +27,6 @@ BACKPACK_GGN = [0, 1, 3, 4, 5, 6, 7]
 BACKPACK_HESSIAN = [0, 1, 3, 4, 5, 6]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: intra-op threads only add synchronisation (100x slower on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("index", range(len(CASE_SPECS)), ids=SPEC_IDS)
 def test_exact_ggn_diagonal_and_trace(index: int) -> None:
     case = make_case(*CASE_SPECS[index])

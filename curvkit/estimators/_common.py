@@ -8,7 +8,7 @@ studies) cost one big matmat. A public call is the case ``R = 1``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -134,3 +134,25 @@ def finish_estimate(
         dof=dof,
         info=info,
     )
+
+
+EstimatorMethod = Callable[..., Estimate]
+
+
+def method_registrar(
+    registry: dict[str, EstimatorMethod], what: str
+) -> Callable[..., Callable[[EstimatorMethod], EstimatorMethod]]:
+    """A decorator factory that registers ``fn`` in ``registry`` under a name and aliases."""
+
+    def register(name: str, *aliases: str) -> Callable[[EstimatorMethod], EstimatorMethod]:
+        def deco(fn: EstimatorMethod) -> EstimatorMethod:
+            for key in (name, *aliases):
+                if key == "auto":
+                    raise ValueError(f"'auto' is reserved and cannot name a {what} method")
+                registry[key] = fn
+            return fn
+
+        return deco
+
+    register.__doc__ = f"Decorator: register ``fn`` as a {what} method under ``name`` and aliases."
+    return register

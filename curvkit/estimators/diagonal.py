@@ -54,6 +54,7 @@ from curvkit.estimators._common import (
     exact_diagonal_sweep,
     finish_estimate,
     mean_stderr,
+    method_registrar,
     need_budget,
     solve_upper_transposed_identity,
     to_square_operator,
@@ -79,19 +80,7 @@ DIAGONAL_METHODS: dict[str, DiagonalMethod] = {}
 XDIAG_STDERR_INFLATION = 1.25
 
 
-def register_diagonal_method(
-    name: str, *aliases: str
-) -> Callable[[DiagonalMethod], DiagonalMethod]:
-    """Decorator: register ``fn`` in ``DIAGONAL_METHODS`` under ``name`` (and ``aliases``)."""
-
-    def deco(fn: DiagonalMethod) -> DiagonalMethod:
-        for key in (name, *aliases):
-            if key == "auto":
-                raise ValueError("'auto' is reserved")
-            DIAGONAL_METHODS[key] = fn
-        return fn
-
-    return deco
+register_diagonal_method = method_registrar(DIAGONAL_METHODS, "diagonal")
 
 
 def diagonal(

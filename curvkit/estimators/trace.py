@@ -78,6 +78,7 @@ from curvkit.estimators._common import (
     check_replicates,
     finish_estimate,
     mean_stderr,
+    method_registrar,
     need_budget,
     solve_upper_transposed_identity,
     squeeze_replicates,
@@ -111,17 +112,7 @@ XNYSTRACE_STDERR_INFLATION = 1.0
 _AUTO_MIN_BUDGET = 8
 
 
-def register_trace_method(name: str, *aliases: str) -> Callable[[TraceMethod], TraceMethod]:
-    """Decorator: register ``fn`` in ``TRACE_METHODS`` under ``name`` (and ``aliases``)."""
-
-    def deco(fn: TraceMethod) -> TraceMethod:
-        for key in (name, *aliases):
-            if key == "auto":
-                raise ValueError("'auto' is reserved")
-            TRACE_METHODS[key] = fn
-        return fn
-
-    return deco
+register_trace_method = method_registrar(TRACE_METHODS, "trace")
 
 
 def trace(

@@ -67,6 +67,7 @@ def values(root: Path) -> pd.DataFrame:
         ({"dtype": "float16"}, "dtype"),
         ({"colour": "red"}, "unknown key"),
         ({"models": [{"name": "mlp"}, {"name": "mlp"}]}, "unique"),
+        ({"models": [{"name": "mlp", "lr": -0.1}]}, "lr must be a positive number"),
     ],
 )
 def test_config_errors_before_compute(over, match):
@@ -80,6 +81,29 @@ def test_config_errors_that_need_the_data(tmp_path):
     with pytest.raises(ConfigError, match="image inputs"):
         run_sweep(parse_config(tiny(models=[{"name": "cnn"}])), output=tmp_path)
     assert not (tmp_path / "points").exists()
+
+
+def test_per_model_learning_rate(tmp_path):
+    """A model's own lr overrides training.lr; lr=0 there leaves that model untrained."""
+    models = [
+        {"name": "mlp", "width": 4, "depth": 1, "label": "frozen", "lr": 1e-300},
+        {"name": "mlp", "width": 4, "depth": 1, "label": "trained"},
+    ]
+    cfg = parse_config(tiny(models=models, training={"lr": 0.5}))
+    assert [m.lr for m in cfg.models] == [1e-300, None]
+    assert cfg.fingerprint() != parse_config(tiny(models=models[1:])).fingerprint()
+    run_sweep(cfg, output=tmp_path, progress=False, figures=False)
+    m = values(tmp_path)
+    loss = m[m.quantity == "loss_train"].set_index(
+        ["model", "step", "seed", "train_batch_size", "curvature_batch_size"]
+    )["value"]
+    frozen = loss.xs("frozen")
+    trained = loss.xs("trained")
+    at_init = frozen.xs(0, level="step").mean()
+    assert frozen.xs(5, level="step").mean() == pytest.approx(at_init, rel=1e-9)
+    assert trained.xs(5, level="step").mean() != pytest.approx(
+        trained.xs(0, level="step").mean(), rel=1e-6
+    )
 
 
 def test_shipped_configs_are_valid():

@@ -102,6 +102,7 @@ class ModelSpec:
     name: str
     label: str
     knobs: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    lr: float | None = None  # overrides training.lr for this architecture
 
 
 @dataclass
@@ -139,7 +140,7 @@ class SweepConfig:
             "dtype": self.dtype,
             "curvature_mode": self.curvature_mode,
             "data": self.data,
-            "models": [(m.name, m.label, m.knobs) for m in self.models],
+            "models": [(m.name, m.label, m.knobs, m.lr) for m in self.models],
             "training": self.training,
             "quantities": self.quantities,
             "quantity_options": self.quantity_options,
@@ -245,13 +246,16 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> SweepConfig
     for i, m in enumerate(models_raw):
         if not isinstance(m, dict) or "name" not in m:
             raise _fail(f"[[models]] entry {i} needs a `name`", source)
-        knobs = {k: v for k, v in m.items() if k not in ("name", "label")}
+        knobs = {k: v for k, v in m.items() if k not in ("name", "label", "lr")}
         try:
             check_model_spec(m["name"], knobs)
         except ValueError as err:
             raise _fail(f"[[models]] entry {i}: {err}", source) from None
+        lr = m.get("lr")
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0):
+            raise _fail(f"[[models]] entry {i}: lr must be a positive number, got {lr!r}", source)
         label = m.get("label") or _model_label(m["name"], knobs)
-        models.append(ModelSpec(m["name"], str(label), knobs))
+        models.append(ModelSpec(m["name"], str(label), knobs, None if lr is None else float(lr)))
     labels = [m.label for m in models]
     if len(set(labels)) != len(labels):
         raise _fail(f"model labels must be unique, got {labels}; set `label` per model", source)

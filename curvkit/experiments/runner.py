@@ -132,10 +132,18 @@ class SweepResult:
 class _Trainer:
     """One training run: a model trained step by step with a seeded batch order."""
 
-    def __init__(self, model: nn.Module, data: Dataset, cfg: SweepConfig, tbs: int, seed: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Dataset,
+        cfg: SweepConfig,
+        tbs: int,
+        seed: int,
+        lr: float | None = None,
+    ):
         self.model, self.data, self.tbs = model, data, tbs
         self.loss_fn = data.loss_fn()
-        tr = cfg.training
+        tr = dict(cfg.training, lr=cfg.training["lr"] if lr is None else lr)
         params = [p for p in model.parameters() if p.requires_grad]
         if tr["optimizer"] == "sgd":
             self.opt: torch.optim.Optimizer = torch.optim.SGD(
@@ -164,7 +172,7 @@ class _Trainer:
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"training diverged at step {self.steps} (loss {float(loss)}); lower "
-                    "training.lr in the config"
+                    "training.lr (or the model's lr) in the config"
                 )
             loss.backward()
             self.opt.step()
@@ -398,7 +406,7 @@ def run_sweep(
                 dtype=cfg.torch_dtype,
                 **spec.knobs,
             ).to(device)
-            trainer = _Trainer(model, data, cfg, max(tbs, 1), seed)
+            trainer = _Trainer(model, data, cfg, max(tbs, 1), seed, lr=spec.lr)
             for p in sorted(pts, key=lambda p: p["step"]):
                 bar.set_postfix_str(
                     f"{label} tb={tbs} cb={p['curvature_batch_spec']} s={seed} step={p['step']}",

@@ -43,6 +43,7 @@ __all__ = [
     "BACKENDS",
     "FORWARD_MODE_BACKENDS",
     "batch_hvp",
+    "batched_grad",
     "check_finite",
     "chunk_size_for",
     "differentiable_attention",
@@ -162,6 +163,26 @@ def _cat(pieces: list[list[Tensor]], n: int) -> list[Tensor]:
     return [torch.cat([pc[i] for pc in pieces]) for i in range(n)]
 
 
+def batched_grad(
+    outputs: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    grad_outputs: Sequence[Tensor],
+    chunk_size: int,
+) -> list[Tensor]:
+    """``sum_i <outputs_i, grad_outputs_i[k]>`` differentiated w.r.t. ``inputs``, for each ``k``.
+
+    ``grad_outputs[i]`` has shape ``(K, *outputs[i].shape)``; returns ``(K, *input.shape)``
+    per input (zeros where an input is unused). Chunks of ``chunk_size`` probes go through
+    one ``is_grads_batched`` backward each, with a loop where an op has no batching rule.
+    The graph is retained.
+    """
+    K = grad_outputs[0].shape[0]
+    if K == 0:
+        return [torch.zeros((0, *x.shape), dtype=x.dtype, device=x.device) for x in inputs]
+    pieces = [_batched(outputs, inputs, chunk) for chunk in _chunks(grad_outputs, chunk_size)]
+    return _cat(pieces, len(inputs))
+
+
 def batch_hvp(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
@@ -201,8 +222,7 @@ def batch_hvp(
         grads = gradient(loss, params, create_graph=True)
         if backend == "double-backward":
             return _double_backward(grads, params, probes, out)
-        pieces = [_batched(grads, params, chunk) for chunk in _chunks(probes, chunk_size)]
-        res = _cat(pieces, len(params))
+        res = batched_grad(grads, params, probes, chunk_size)
     if out is None:
         return res
     for o, r in zip(out, res):

@@ -38,7 +38,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from curvkit.autodiff import batch_hvp, check_finite, differentiable_attention
+from curvkit.autodiff import (
+    batch_hvp,
+    batched_grad,
+    check_finite,
+    differentiable_attention,
+)
 from curvkit.estimators.estimate import Estimate, exact_estimate
 from curvkit.linop import flatten_tensors
 from curvkit.operators.base import CurvatureOperator, preserved_state
@@ -60,75 +65,6 @@ _CUTOFF_FACTOR = 100.0
 
 
 # ---------------------------------------------------------------------- small helpers
-def _batched_grad(
-    outputs: Sequence[Tensor],
-    inputs: Sequence[Tensor],
-    grad_outputs: Sequence[Tensor],
-    chunk_size: int,
-) -> list[Tensor]:
-    """``sum_i <outputs_i, grad_outputs_i[k]>`` differentiated w.r.t. ``inputs`` for each ``k``.
-
-    ``grad_outputs[i]`` has shape ``(K, *outputs[i].shape)``; returns ``(K, *input.shape)``
-    per input (zeros where an input is unused). Probes go through in chunks of
-    ``chunk_size`` with ``is_grads_batched``; an op without a batching rule falls back to a
-    loop over the probes. The graph is retained.
-    """
-    K = grad_outputs[0].shape[0]
-    live = [i for i, o in enumerate(outputs) if o.requires_grad]
-
-    def zeros(k: int) -> list[Tensor]:
-        return [torch.zeros(k, *x.shape, dtype=x.dtype, device=x.device) for x in inputs]
-
-    if not live or K == 0:
-        return zeros(K)
-    outs = [outputs[i] for i in live]
-
-    def one_chunk(gos: list[Tensor]) -> list[Tensor]:
-        k = gos[0].shape[0]
-        if k == 1:  # nothing to batch: skip vmap's overhead
-            res = torch.autograd.grad(
-                outs, inputs, grad_outputs=[g[0] for g in gos], retain_graph=True,
-                allow_unused=True,
-            )  # fmt: skip
-            res = [None if r is None else r.unsqueeze(0) for r in res]
-            return [
-                torch.zeros(1, *x.shape, dtype=x.dtype, device=x.device) if r is None else r
-                for x, r in zip(inputs, res)
-            ]
-        try:
-            res = torch.autograd.grad(
-                outs, inputs, grad_outputs=gos, retain_graph=True, allow_unused=True,
-                is_grads_batched=True,
-            )  # fmt: skip
-        except RuntimeError as err:
-            if "vmap" not in str(err) and "batch" not in str(err).lower():
-                raise
-            cols = [
-                torch.autograd.grad(
-                    outs,
-                    inputs,
-                    grad_outputs=[g[j] for g in gos],
-                    retain_graph=True,
-                    allow_unused=True,
-                )  # fmt: skip
-                for j in range(k)
-            ]
-            res = [
-                None if cols[0][i] is None else torch.stack([c[i] for c in cols])
-                for i in range(len(inputs))
-            ]
-        return [
-            torch.zeros(k, *x.shape, dtype=x.dtype, device=x.device) if r is None else r
-            for x, r in zip(inputs, res)
-        ]
-
-    pieces = [
-        one_chunk([grad_outputs[i][s : s + chunk_size] for i in live])
-        for s in range(0, K, chunk_size)
-    ]
-    return [torch.cat([pc[j] for pc in pieces]) for j in range(len(inputs))]
-
-
 def _as_output_tensor(out: Any) -> Tensor:
     if not isinstance(out, Tensor):
         raise TypeError(
@@ -175,7 +111,7 @@ def output_hessian_factors(
             return empty, out.new_zeros(N, 0)
         E = torch.eye(M, dtype=out.dtype, device=out.device)
         E = E.reshape(M, 1, *O_shape).expand(M, N, *O_shape)
-        (cols,) = _batched_grad([g], [out_d], [E], chunk_size=max(M, 1))
+        (cols,) = batched_grad([g], [out_d], [E], chunk_size=max(M, 1))
         # cols[j, n, i] = sum_n' Lambda[(n, i), (n', j)]: the per-sample block if separable
         blocks = cols.reshape(M, N, M).permute(1, 2, 0)
         blocks = 0.5 * (blocks + blocks.transpose(1, 2))
@@ -299,7 +235,7 @@ class GGNOperator(CurvatureOperator):
         pairs = [(g, v) for g, v in zip(vjps, probes) if g is not None]
         if not pairs:
             return out.new_zeros(probes[0].shape[0], *out.shape)
-        (JV,) = _batched_grad(
+        (JV,) = batched_grad(
             [g for g, _ in pairs], [u], [v for _, v in pairs], self.max_probes_per_chunk
         )
         return JV
@@ -313,8 +249,8 @@ class GGNOperator(CurvatureOperator):
         K = JV.shape[0]
         if not g.requires_grad:  # loss linear in the outputs
             return [torch.zeros(K, *p.shape, dtype=p.dtype, device=p.device) for p in self.params]
-        (LJV,) = _batched_grad([g], [out_d], [JV], self.max_probes_per_chunk)
-        res = _batched_grad([out], self.params, [LJV], self.max_probes_per_chunk)
+        (LJV,) = batched_grad([g], [out_d], [JV], self.max_probes_per_chunk)
+        res = batched_grad([out], self.params, [LJV], self.max_probes_per_chunk)
         return [r.detach() for r in res]
 
     def _forward_matmat(self, X, y, weight: float, probes: list[Tensor]) -> list[Tensor]:
@@ -414,7 +350,7 @@ class GGNOperator(CurvatureOperator):
                 for i, (n, k) in enumerate(sel):
                     cot[i, n] = factors[n, k]
                 sg = torch.stack([signs[n, k] for n, k in sel])
-                grads = _batched_grad([out], self.params, [cot], chunk)
+                grads = batched_grad([out], self.params, [cot], chunk)
                 for t, g in zip(total, grads):
                     t.add_((sg.reshape(-1, *([1] * (g.ndim - 1))) * g.square()).sum(0))
         return total

@@ -156,3 +156,14 @@ def method_registrar(
 
     register.__doc__ = f"Decorator: register ``fn`` as a {what} method under ``name`` and aliases."
     return register
+
+
+def lookup_method(registry: dict[str, EstimatorMethod], method: str, what: str) -> EstimatorMethod:
+    """The registered method ``method``, or a ``ValueError`` listing the known names."""
+    fn = registry.get(method)
+    if fn is None:
+        raise ValueError(
+            f"unknown {what} method {method!r}; known methods: 'auto', "
+            + ", ".join(repr(k) for k in sorted(registry))
+        )
+    return fn

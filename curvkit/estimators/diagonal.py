@@ -53,6 +53,7 @@ from curvkit.estimators._common import (
     check_replicates,
     exact_diagonal_sweep,
     finish_estimate,
+    lookup_method,
     mean_stderr,
     method_registrar,
     need_budget,
@@ -109,12 +110,7 @@ def diagonal(
             method = "exact"
         else:
             method = "xdiag" if budget >= 8 else "hutchinson"
-    fn = DIAGONAL_METHODS.get(method)
-    if fn is None:
-        raise ValueError(
-            f"unknown diagonal method {method!r}; known methods: 'auto', "
-            + ", ".join(repr(k) for k in sorted(DIAGONAL_METHODS))
-        )
+    fn = lookup_method(DIAGONAL_METHODS, method, "diagonal")
     return fn(op, num_matvecs, generator, **kwargs)
 
 

@@ -21,6 +21,7 @@ from curvkit.estimators._common import (
     batched_matmat,
     check_budget,
     check_replicates,
+    finish_estimate,
     mean_stderr,
     squeeze_replicates,
     unit_blocks,
@@ -93,15 +94,5 @@ def frobenius_norm(
         "squared_stderr": squeeze_replicates(sq_se, replicates),
         "stderr": "delta method on the sample standard error of ||A||_F^2",
     }
-    if seed is not None:
-        info["seed"] = seed
-    if replicates is not None:
-        info["replicates"] = replicates
-    return Estimate(
-        squeeze_replicates(value, replicates),
-        squeeze_replicates(stderr, replicates),
-        m,
-        "hutchinson",
-        dof=m - 1 if m > 1 else None,
-        info=info,
-    )
+    dof = m - 1 if m > 1 else None
+    return finish_estimate(value, stderr, m, "hutchinson", dof, replicates, info, seed)

@@ -77,6 +77,7 @@ from curvkit.estimators._common import (
     check_budget,
     check_replicates,
     finish_estimate,
+    lookup_method,
     mean_stderr,
     method_registrar,
     need_budget,
@@ -139,12 +140,7 @@ def trace(
     op = to_square_operator(A, "trace")
     if method == "auto":
         method = _auto_method(op, num_matvecs)
-    fn = TRACE_METHODS.get(method)
-    if fn is None:
-        raise ValueError(
-            f"unknown trace method {method!r}; known methods: 'auto', "
-            + ", ".join(repr(k) for k in sorted(TRACE_METHODS))
-        )
+    fn = lookup_method(TRACE_METHODS, method, "trace")
     return fn(op, num_matvecs, generator, **kwargs)
 
 

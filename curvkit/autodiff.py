@@ -47,7 +47,9 @@ __all__ = [
     "check_finite",
     "chunk_size_for",
     "differentiable_attention",
+    "first_backward",
     "graph_bytes",
+    "graph_hvp",
     "gradient",
     "second_backward",
 ]
@@ -129,14 +131,20 @@ def _stack(columns: list[list[Tensor]], n: int) -> list[Tensor]:
     return [torch.stack([col[i] for col in columns]) for i in range(n)]
 
 
-def _double_backward(grads, params, probes: list[Tensor], out=None) -> list[Tensor]:
-    """One second backward per probe, each written (added) straight into ``out``."""
+def _double_backward(
+    grads, params, probes: list[Tensor], out=None, accumulate: bool = True
+) -> list[Tensor]:
+    """One second backward per probe, each written (or added) straight into ``out``."""
     K = probes[0].shape[0]
     if out is None:
-        out = [torch.zeros((K, *p.shape), dtype=p.dtype, device=p.device) for p in params]
+        out = [torch.empty((K, *p.shape), dtype=p.dtype, device=p.device) for p in params]
+        accumulate = False
     for k in range(K):
         for o, h in zip(out, second_backward(grads, params, [v[k] for v in probes])):
-            o[k].add_(h)
+            if accumulate:
+                o[k].add_(h)
+            else:
+                o[k].copy_(h)
     return out
 
 
@@ -183,6 +191,39 @@ def batched_grad(
     return _cat(pieces, len(inputs))
 
 
+def graph_hvp(
+    grads: Sequence[Tensor],
+    params: Sequence[Tensor],
+    probes: list[Tensor],
+    backend: str,
+    chunk_size: int,
+    out: list[Tensor] | None = None,
+    accumulate: bool = True,
+) -> list[Tensor]:
+    """``H_b @ V`` through a kept first-backward graph: ``grads`` from :func:`gradient`
+    with ``create_graph=True``, ``backend`` ``"double-backward"`` or ``"batched"``.
+
+    Shapes and ``out``/``accumulate`` as in :func:`batch_hvp`. The graph is retained, so
+    the caller may push further probes through the same ``grads``.
+    """
+    if backend == "double-backward":
+        return _double_backward(grads, params, probes, out, accumulate)
+    if backend != "batched":
+        raise ValueError(f"{backend!r} does not run through a kept graph")
+    return _into(batched_grad(grads, params, probes, chunk_size), out, accumulate)
+
+
+def _into(res: list[Tensor], out: list[Tensor] | None, accumulate: bool) -> list[Tensor]:
+    if out is None:
+        return res
+    for o, r in zip(out, res):
+        if accumulate:
+            o.add_(r)
+        else:
+            o.copy_(r)
+    return out
+
+
 def batch_hvp(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
@@ -195,14 +236,16 @@ def batch_hvp(
     backend: str,
     chunk_size: int,
     out: list[Tensor] | None = None,
+    accumulate: bool = True,
 ) -> list[Tensor]:
     """``H_b @ V`` for one batch; ``probes[i]`` has shape ``(K, *params[i].shape)``.
 
     Returns tensors of the same shapes. ``chunk_size`` bounds how many probes a batched
     backend (``"batched"``, ``"forward-over-reverse"``) pushes through at once: their memory
     grows with it. The others hold one probe at a time. With ``out`` (tensors shaped like
-    the result, e.g. views into one ``(K, D)`` buffer), the product is *added* into it and
-    ``out`` returned: accumulating over batches without stacking or concatenating copies.
+    the result, e.g. views into one ``(K, D)`` buffer), the product is *added* into it
+    (``accumulate=True``) or written over it (``False``) and ``out`` returned: accumulating
+    over batches without stacking or concatenating copies.
     """
     if backend not in BACKENDS:
         raise ValueError(
@@ -217,17 +260,16 @@ def batch_hvp(
     elif backend == "forward-ad":
         res = _forward_ad(model, loss_fn, X, y, weight, params, param_names, probes)
     else:
-        loss = weight * loss_fn(model(X), y)
-        check_finite(loss.detach(), "the loss")
-        grads = gradient(loss, params, create_graph=True)
-        if backend == "double-backward":
-            return _double_backward(grads, params, probes, out)
-        res = batched_grad(grads, params, probes, chunk_size)
-    if out is None:
-        return res
-    for o, r in zip(out, res):
-        o.add_(r)
-    return out
+        grads = first_backward(model, loss_fn, X, y, weight, params)
+        return graph_hvp(grads, params, probes, backend, chunk_size, out, accumulate)
+    return _into(res, out, accumulate)
+
+
+def first_backward(model: nn.Module, loss_fn, X, y, weight: float, params) -> list[Tensor]:
+    """Gradient of ``weight * loss_fn(model(X), y)`` with its graph kept for a second pass."""
+    loss = weight * loss_fn(model(X), y)
+    check_finite(loss.detach(), "the loss")
+    return gradient(loss, params, create_graph=True)
 
 
 def _detached_state(model: nn.Module, params: Sequence[Tensor], param_names: Sequence[str]):

@@ -238,6 +238,20 @@ class LinearOperator:
             return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         return torch.cat(columns, dim=1)
 
+    def quadratic_form(self, V: Tensor) -> Tensor:
+        """``v^T A v`` for ``V`` of shape ``(D,)`` (a scalar) or each column of ``(D, K)``
+        (shape ``(K,)``): what Hutchinson-type trace estimators need. Curvature operators
+        compute it chunk by chunk without holding the ``(D, K)`` product."""
+        if self.shape[0] != self.shape[1]:
+            raise ValueError(f"a quadratic form needs a square operator, got shape {self.shape}")
+        self._check_block(V, self.shape[1])
+        if V.ndim == 1:
+            return self._quadratic_form(V.unsqueeze(1))[0]
+        return self._quadratic_form(V)
+
+    def _quadratic_form(self, V: Tensor) -> Tensor:
+        return torch.linalg.vecdot(V, self._matmat(V), dim=0)
+
     def row_sum(self) -> Tensor:
         """``A @ 1``: the ``(D_out,)`` vector of row sums."""
         return self.matmat(torch.ones(self.shape[1], dtype=self.dtype, device=self.device))

@@ -65,12 +65,16 @@ def sample_probes(
     name = canonical_distribution(distribution)
     gdev = generator.device
     sample_dtype = dtype if dtype.is_floating_point else torch.float64
+    # drawn as (..., K, D) and returned as its transpose: column-major probe blocks go into
+    # curvature products without a transposing copy (see CurvatureOperator._matmat)
+    drawn = (*shape[:-2], shape[-1], shape[-2]) if len(shape) >= 2 else tuple(shape)
     if name == "rademacher":
-        bits = torch.randint(0, 2, shape, generator=generator, device=gdev, dtype=torch.int8)
+        bits = torch.randint(0, 2, drawn, generator=generator, device=gdev, dtype=torch.int8)
         out = bits.to(sample_dtype).mul_(2).sub_(1)
     else:
-        out = torch.randn(shape, generator=generator, device=gdev, dtype=sample_dtype)
+        out = torch.randn(drawn, generator=generator, device=gdev, dtype=sample_dtype)
         if name == "sphere":
-            D = shape[-2]
-            out = out * (math.sqrt(D) / out.norm(dim=-2, keepdim=True).clamp_min(1e-30))
-    return out.to(device=device, dtype=dtype)
+            D = drawn[-1]
+            out = out * (math.sqrt(D) / out.norm(dim=-1, keepdim=True).clamp_min(1e-30))
+    out = out.to(device=device, dtype=dtype)
+    return out.transpose(-1, -2) if len(shape) >= 2 else out

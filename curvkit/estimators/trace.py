@@ -171,7 +171,8 @@ def hutchinson_trace(
     g, seed = resolve_generator(generator)
     D = A.shape[0]
     V = sample_probes((R, D, m), dist, g, A.dtype, A.device)
-    samples = (V * batched_matmat(A, V)).sum(-2)  # (R, m)
+    # v^T A v only: curvature operators never hold the (D, m) products
+    samples = A.quadratic_form(V.permute(1, 0, 2).reshape(D, R * m)).reshape(R, m)
     value, stderr = mean_stderr(samples)
     info = {"distribution": dist, "stderr": "sample standard error (i.i.d. probes)"}
     dof = m - 1 if m > 1 else None

@@ -21,6 +21,10 @@ from curvkit.linop import LinearOperator
 
 __all__ = ["CurvatureOperator", "preserved_state", "resolve_params"]
 
+#: most bytes the reused product buffer of ``quadratic_form`` holds: small enough that the
+#: allocator recycles it instead of mapping (and zero-filling) fresh pages for every chunk
+QUADRATIC_FORM_BUFFER_BYTES = 32 * 2**20
+
 
 def resolve_params(
     model: nn.Module, params: Sequence[Tensor] | None
@@ -168,19 +172,120 @@ class CurvatureOperator(LinearOperator):
                 "check_deterministic=False if the randomness is intended."
             )
 
-    def _batch_matmat(self, X, y, weight: float, probes: list[Tensor]) -> list[Tensor]:
-        """Product on one batch; ``probes[i]`` has shape ``(K, *params[i].shape)``."""
+    def _batch_matmat(
+        self,
+        X,
+        y,
+        weight: float,
+        probes: list[Tensor],
+        out: list[Tensor],
+        *,
+        batch: int,
+        accumulate: bool,
+    ) -> None:
+        """Product on one batch, written into ``out`` (added to it when ``accumulate``).
+
+        ``probes[i]`` and ``out[i]`` have shape ``(K, *params[i].shape)``; ``batch`` is the
+        batch's index in the data pass.
+        """
         raise NotImplementedError
 
+    def _probe_chunk(self) -> int:
+        """Most probes staged at once when the input block has to be transposed."""
+        return 16
+
+    def _product_start(self) -> None:
+        """Called before every product (subclasses validate kept state here)."""
+
+    def _product_done(self) -> None:
+        """Called after every product (subclasses release per-product state here)."""
+
+    def _split_rows(self, rows: Tensor) -> list[Tensor]:
+        """``(n, D)`` rows -> per-parameter views ``(n, *param.shape)`` (no copies)."""
+        sizes = [p.numel() for p in self.params]
+        n = rows.shape[0]
+        return [piece.view(n, *p.shape) for piece, p in zip(rows.split(sizes, dim=1), self.params)]
+
+    def _data_pass(
+        self,
+        V: Tensor,
+        step: int,
+        target: Callable[[int, int], Tensor],
+        accumulate: bool,
+        after: Callable[[int, int, Tensor, Tensor], None] | None = None,
+    ) -> None:
+        """Push the columns of ``V`` ``(D, K)`` through every batch, ``step`` at a time.
+
+        Chunk ``s:e`` is written to the ``(e - s, D)`` rows ``target(s, e)``: summed over the
+        batches when ``accumulate``, else overwritten by each batch and handed to
+        ``after(s, e, probe_rows, result_rows)``. A column-major ``V`` (``V.T`` contiguous)
+        gives its probe rows as views; a row-major one is transposed chunk by chunk.
+        """
+        D, K = V.shape
+        source = V.T
+        stage = None
+        if not source.is_contiguous():
+            stage = torch.empty(min(step, K), D, dtype=self.dtype, device=self.device)
+        self._product_start()
+        try:
+            with preserved_state(self.model, self.device):
+                for b, (X, y, weight) in enumerate(self._iter_batches()):
+                    for s in range(0, K, step):
+                        e = min(K, s + step)
+                        if stage is None:
+                            rows = source[s:e]
+                        else:
+                            rows = stage[: e - s]
+                            rows.copy_(source[s:e])
+                        out = target(s, e)
+                        self._batch_matmat(
+                            X,
+                            y,
+                            weight,
+                            self._split_rows(rows),
+                            self._split_rows(out),
+                            batch=b,
+                            accumulate=accumulate and b > 0,
+                        )
+                        if after is not None:
+                            after(s, e, rows, out)
+        finally:
+            self._product_done()
+
     def _matmat(self, V: Tensor) -> Tensor:
-        K = V.shape[1]
-        # (D, K) -> per-parameter (K, *shape), the layout autograd's batched mode wants
-        probes = [piece.movedim(-1, 0).contiguous() for piece in self.unflatten(V)]
-        total: list[Tensor] | None = None
-        with preserved_state(self.model, self.device):
-            for X, y, weight in self._iter_batches():
-                out = self._batch_matmat(X, y, weight, probes)
-                total = out if total is None else [t.add_(o) for t, o in zip(total, out)]
-        result = torch.cat([t.reshape(K, -1) for t in total], dim=1).T.detach()
+        """``A @ V`` for a ``(D, K)`` block, accumulated in one ``(K, D)`` buffer.
+
+        Probes and results are per-parameter views into ``(K, D)`` row blocks, so the data
+        pass stacks, concatenates and transposes nothing. The result is returned as the
+        ``(D, K)`` transpose of that buffer (column-major). A column-major ``V`` (e.g.
+        ``torch.randn(K, D).T``, which is how curvkit's estimators draw probes, or a previous
+        result) is used without a copy; a row-major one is transposed in chunks of at most
+        ``_probe_chunk()`` probes, so the staging copy stays small.
+        """
+        D, K = V.shape
+        result = torch.empty(K, D, dtype=self.dtype, device=self.device)
+        step = K if V.T.is_contiguous() else max(1, min(K, self._probe_chunk()))
+        self._data_pass(V, step, lambda s, e: result[s:e], accumulate=True)
+        result = result.T
         check_finite(result, f"the {type(self).__name__} product")
         return result
+
+    def _quadratic_form(self, V: Tensor) -> Tensor:
+        """``v_k^T A v_k`` chunk by chunk: no ``(D, K)`` result is ever held.
+
+        One reused ``(step, D)`` buffer of at most ``QUADRATIC_FORM_BUFFER_BYTES`` (one
+        probe at least) takes each chunk's products, which are reduced against the probes
+        at once; over several batches the per-batch forms add up.
+        """
+        D, K = V.shape
+        per_probe = max(1, D * V.element_size())
+        step = max(1, min(K, self._probe_chunk(), QUADRATIC_FORM_BUFFER_BYTES // per_probe))
+        buffer = torch.empty(step, D, dtype=self.dtype, device=self.device)
+        forms = torch.zeros(K, dtype=self.dtype, device=self.device)
+
+        def reduce(s: int, e: int, rows: Tensor, out: Tensor) -> None:
+            forms[s:e] += torch.linalg.vecdot(rows, out)
+
+        self._data_pass(V, step, lambda s, e: buffer[: e - s], accumulate=False, after=reduce)
+        check_finite(forms, f"the {type(self).__name__} quadratic form")
+        return forms

@@ -208,7 +208,28 @@ class GGNOperator(CurvatureOperator):
         self.backend_fallback_reason: str | None = None
 
     # ------------------------------------------------------------------ products
-    def _batch_matmat(self, X, y, weight: float, probes: list[Tensor]) -> list[Tensor]:
+    def _probe_chunk(self) -> int:
+        return self.max_probes_per_chunk
+
+    def _batch_matmat(
+        self,
+        X,
+        y,
+        weight: float,
+        probes: list[Tensor],
+        out: list[Tensor],
+        *,
+        batch: int,
+        accumulate: bool,
+    ) -> None:
+        res = self._batch_product(X, y, weight, probes)
+        for o, r in zip(out, res):
+            if accumulate:
+                o.add_(r)
+            else:
+                o.copy_(r)
+
+    def _batch_product(self, X, y, weight: float, probes: list[Tensor]) -> list[Tensor]:
         with torch.enable_grad(), differentiable_attention():
             if self.backend == "forward":
                 try:
@@ -557,9 +578,22 @@ class ResidualOperator(CurvatureOperator):
             (g,) = torch.autograd.grad(self.loss_fn(out_d, y), out_d)
         return (g.detach() * out).sum()
 
-    def _batch_matmat(self, X, y, weight: float, probes: list[Tensor]) -> list[Tensor]:
+    def _probe_chunk(self) -> int:
+        return self.max_probes_per_chunk
+
+    def _batch_matmat(
+        self,
+        X,
+        y,
+        weight: float,
+        probes: list[Tensor],
+        out: list[Tensor],
+        *,
+        batch: int,
+        accumulate: bool,
+    ) -> None:
         with torch.enable_grad(), differentiable_attention():
-            out = batch_hvp(
+            batch_hvp(
                 self.model,
                 self._residual_loss,
                 X,
@@ -570,5 +604,6 @@ class ResidualOperator(CurvatureOperator):
                 probes,
                 "batched",
                 self.max_probes_per_chunk,
+                out,
+                accumulate,
             )
-        return [o.detach() for o in out]

@@ -14,12 +14,13 @@ from curvkit.autodiff import (
     BACKENDS,
     FORWARD_MODE_BACKENDS,
     batch_hvp,
-    check_finite,
     chunk_size_for,
     differentiable_attention,
+    first_backward,
     graph_bytes,
+    graph_hvp,
 )
-from curvkit.operators.base import CurvatureOperator, preserved_state
+from curvkit.operators.base import CurvatureOperator, _contains_train_batchnorm, preserved_state
 
 __all__ = ["HessianOperator"]
 
@@ -51,6 +52,19 @@ class HessianOperator(CurvatureOperator):
     trial's seconds (or the reason a candidate was dropped). Results never depend on the
     choice beyond rounding. Pass a backend name to skip the trial.
 
+    Graph reuse (``cache_graph=True``, the default): over one in-memory ``(X, y)`` batch,
+    the forward pass and first backward (the gradient with its graph) are kept after a
+    product and reused by the next, so repeated products (Lanczos, CG, estimators calling
+    ``H @ V`` block after block) each cost one second backward per probe. The kept graph
+    holds about what one gradient computation holds (activations, the gradient); it is
+    rebuilt when anything it depends on changes -- a parameter, buffer or data tensor
+    updated in place (version counters) or replaced (storage), a module switched between
+    train and eval, or a change of values through ``.data`` (caught by comparing a strided
+    sample of every parameter and buffer) -- and released by :meth:`clear_cache`. It is
+    not kept for train-mode BatchNorm, whose graph holds the running statistics that every
+    product restores. ``cache_graph=False`` builds it afresh for every product (as always
+    happens with several batches, whose graphs are built one at a time in each product).
+
     Args:
         model, loss_fn, data, params, reduction, check_deterministic: see
             :class:`curvkit.operators.base.CurvatureOperator`.
@@ -62,6 +76,8 @@ class HessianOperator(CurvatureOperator):
             the chunk size is ``memory_budget // graph_bytes`` (at least 1, at most
             ``max_probes_per_chunk``), with ``graph_bytes`` the bytes autograd saves for one
             forward and first backward of the first batch (measured once). ``None``: no cap.
+        cache_graph: keep the first-backward graph of a one-batch operator between
+            products (see above).
     """
 
     def __init__(
@@ -76,6 +92,7 @@ class HessianOperator(CurvatureOperator):
         memory_budget: int | None = None,
         reduction: str | None = None,
         check_deterministic: bool = True,
+        cache_graph: bool = True,
     ) -> None:
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {BACKENDS}")
@@ -101,6 +118,76 @@ class HessianOperator(CurvatureOperator):
         self.memory_budget = memory_budget
         self._graph_bytes: int | None = None
         self.backend_fallback_reason: str | None = None
+        self.cache_graph = bool(cache_graph) and self._one_tensor_batch() is not None
+        # (batch index, X, y, gradient with graph) of the batch being multiplied; kept
+        # between products when cache_graph, with the state it was built from
+        self._graph: tuple[int, Any, Any, list[Tensor]] | None = None
+        self._graph_state: tuple[tuple, list[Tensor]] | None = None
+        self._graph_build_s = 0.0
+
+    # ------------------------------------------------------------------ graph reuse
+    def _one_tensor_batch(self) -> tuple[Tensor, Tensor] | None:
+        """The data's tensors when it is one in-memory ``(X, y)`` batch of tensors."""
+        source = self.batches._source
+        if not isinstance(source, (list, tuple)) or len(source) != 1:
+            return None
+        X, y = self.batches.first()
+        if isinstance(X, Tensor) and isinstance(y, Tensor):
+            return X, y
+        return None
+
+    def _state(self) -> tuple[tuple, list[Tensor]]:
+        """What a kept graph depends on: identities, versions and sampled values."""
+        tensors = [*self.params, *self.model.buffers(), *self._one_tensor_batch()]
+        meta = tuple((t.data_ptr(), t._version, t.shape, t.dtype) for t in tensors)
+        meta += tuple(m.training for m in self.model.modules())
+        samples = [
+            t.detach().reshape(-1)[:: max(1, t.numel() // 16)].clone()
+            for t in tensors[: len(tensors) - 2]
+        ]
+        return meta, samples
+
+    def _state_unchanged(self) -> bool:
+        if self._graph_state is None:
+            return False
+        meta, samples = self._state()
+        old_meta, old_samples = self._graph_state
+        return meta == old_meta and all(torch.equal(a, b) for a, b in zip(samples, old_samples))
+
+    def clear_cache(self) -> None:
+        """Release the kept first-backward graph (the next product builds a new one)."""
+        self._graph = None
+        self._graph_state = None
+
+    def _product_done(self) -> None:
+        if (
+            self.cache_graph
+            and self._graph is not None
+            and not _contains_train_batchnorm(self.model)
+        ):
+            # recorded after the product restored the buffers, so the restore itself
+            # does not count as a change (train-mode BatchNorm's graph holds the running
+            # statistics that the restore overwrites: not kept)
+            self._graph_state = self._state()
+        else:
+            self.clear_cache()
+
+    def _gradient_graph(self, X, y, weight: float, batch: int) -> list[Tensor]:
+        """The batch's gradient with its graph: reused within a product, and between
+        products when ``cache_graph`` and nothing changed."""
+        if self._graph is not None:
+            b, X0, y0, grads = self._graph
+            if b == batch and X0 is X and y0 is y:
+                return grads
+            if self.cache_graph and b == batch and self._graph_state is not None:
+                return grads  # validated at the start of this product
+        self._graph = None  # free the previous batch's graph before building this one
+        start = time.perf_counter()
+        grads = first_backward(self.model, self.loss_fn, X, y, weight, self.params)
+        self._sync()
+        self._graph_build_s = time.perf_counter() - start
+        self._graph = (batch, X, y, grads)
+        return grads
 
     # ------------------------------------------------------------------ backend choice
     @property
@@ -122,32 +209,45 @@ class HessianOperator(CurvatureOperator):
         # over one reused graph for several probes
         return ["double-backward", "batched", "forward-over-reverse"]
 
-    def _trial(self, kind: str, X, y, weight: float, probes: list[Tensor]) -> list[Tensor]:
-        """Run every candidate on this batch, keep the fastest that agrees; return its result.
+    def _trial(
+        self,
+        kind: str,
+        X,
+        y,
+        weight: float,
+        probes: list[Tensor],
+        out: list[Tensor],
+        batch: int,
+        accumulate: bool,
+    ) -> None:
+        """Run every candidate on this batch, keep the fastest that agrees; write its result.
 
         Double backward runs first, untimed: it warms the process up and is the reference.
         Then every candidate (double backward again) runs once, timed, on at most
         ``TRIAL_PROBES`` probes (a block trial on a few probes predicts the per-probe cost).
+        The backends that run through a kept graph are charged the graph's build time once
+        per product (``K`` probes), unless the graph is kept between products.
         """
-        chunk = min(probes[0].shape[0], self.chunk_size, TRIAL_PROBES)
+        K = probes[0].shape[0]
+        chunk = min(K, self.chunk_size, TRIAL_PROBES)
         trial_probes = [v[:chunk] for v in probes]
         tol = torch.finfo(self.dtype).eps ** 0.5
         timings: dict[str, float | str] = {}
-        reference = self._run("double-backward", X, y, weight, trial_probes)
+        reference = self._run("double-backward", X, y, weight, trial_probes, batch=batch)
+        graph_charge = 0.0 if self.cache_graph else self._graph_build_s * chunk / K
         if not all(bool(torch.isfinite(r).all()) for r in reference):
             # NaN/inf probes or products leave nothing to compare against: no choice is
             # cached, and the caller's finiteness check reports the problem
             self.backend = "double-backward"
-            if chunk == probes[0].shape[0]:
-                return reference
-            return self._run("double-backward", X, y, weight, probes)
+            self._run("double-backward", X, y, weight, probes, out, batch, accumulate)
+            return
         alive = list(self._candidates(kind))
         for _ in range(TRIAL_ROUNDS):  # interleaved rounds, best time per candidate
             for name in list(alive):
                 try:
                     self._sync()
                     start = time.perf_counter()
-                    out = self._run(name, X, y, weight, trial_probes)
+                    res = self._run(name, X, y, weight, trial_probes, batch=batch)
                     self._sync()
                     elapsed = time.perf_counter() - start
                 except RuntimeError as err:
@@ -156,82 +256,88 @@ class HessianOperator(CurvatureOperator):
                     timings[name] = f"{type(err).__name__}: {str(err)[:200]}"
                     alive.remove(name)
                     continue
-                err = _rel_diff(out, reference)
+                err = _rel_diff(res, reference)
                 if not err <= tol:
                     timings[name] = f"disagrees with double-backward (rel. diff. {err:.1e})"
                     alive.remove(name)
                     continue
+                if name not in FORWARD_MODE_BACKENDS:
+                    elapsed += graph_charge
                 timings[name] = min(elapsed, timings.get(name, float("inf")))
         timed = {n: t for n, t in timings.items() if isinstance(t, float)}
         choice = min(timed, key=timed.get)
         self.backend_trials[kind] = timings
         self.backend_choices[kind] = choice
         self.backend = choice
-        if chunk == probes[0].shape[0] and choice == "double-backward":
-            return reference
-        return self._run(choice, X, y, weight, probes)
+        if chunk == K and choice == "double-backward":
+            for o, r in zip(out, reference):
+                if accumulate:
+                    o.add_(r)
+                else:
+                    o.copy_(r)
+            return
+        self._run(choice, X, y, weight, probes, out, batch, accumulate)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _run(self, name: str, X, y, weight: float, probes: list[Tensor], out=None) -> list[Tensor]:
-        return batch_hvp(
-            self.model,
-            self.loss_fn,
-            X,
-            y,
-            weight,
-            self.params,
-            self.param_names,
-            probes,
-            name,
-            self.chunk_size,
-            out,
-        )
+    def _run(
+        self,
+        name: str,
+        X,
+        y,
+        weight: float,
+        probes: list[Tensor],
+        out: list[Tensor] | None = None,
+        batch: int = 0,
+        accumulate: bool = False,
+    ) -> list[Tensor]:
+        if name in FORWARD_MODE_BACKENDS:
+            return batch_hvp(
+                self.model,
+                self.loss_fn,
+                X,
+                y,
+                weight,
+                self.params,
+                self.param_names,
+                probes,
+                name,
+                self.chunk_size,
+                out,
+                accumulate,
+            )
+        grads = self._gradient_graph(X, y, weight, batch)
+        return graph_hvp(grads, self.params, probes, name, self.chunk_size, out, accumulate)
 
-    def _matmat(self, V: Tensor) -> Tensor:
-        """``H @ V`` accumulated in one ``(K, D)`` buffer: probes and results are views.
+    def _probe_chunk(self) -> int:
+        return self.chunk_size
 
-        Same semantics as :meth:`CurvatureOperator._matmat`, without its per-parameter
-        transposes, stacks and concatenations, which cost more than the products themselves
-        on a wide model with a small batch.
-        """
-        K = V.shape[1]
-        sizes = [p.numel() for p in self.params]
-        # one transposing copy of the block: every probe contiguous (strided probes slow
-        # down every op of the second backward); no copy for K = 1
-        rows = V.T.contiguous()
-        probes = [
-            piece.view(K, *p.shape) for piece, p in zip(rows.split(sizes, dim=1), self.params)
-        ]
-        buffer = torch.zeros(K, V.shape[0], dtype=self.dtype, device=self.device)
-        outs = [
-            piece.view(K, *p.shape) for piece, p in zip(buffer.split(sizes, dim=1), self.params)
-        ]
-        with preserved_state(self.model, self.device):
-            for X, y, weight in self._iter_batches():
-                self._batch_matmat(X, y, weight, probes, outs)
-        result = buffer.T
-        check_finite(result, f"the {type(self).__name__} product")
-        return result
+    def _product_start(self) -> None:
+        if self._graph is not None and not self._state_unchanged():
+            self.clear_cache()
 
     def _batch_matmat(
-        self, X, y, weight: float, probes: list[Tensor], out: list[Tensor] | None = None
-    ) -> list[Tensor]:
+        self,
+        X,
+        y,
+        weight: float,
+        probes: list[Tensor],
+        out: list[Tensor],
+        *,
+        batch: int,
+        accumulate: bool,
+    ) -> None:
         kind = "single" if probes[0].shape[0] == 1 else "block"
         with torch.enable_grad(), differentiable_attention():
             if kind not in self.backend_choices:
-                res = [o.detach() for o in self._trial(kind, X, y, weight, probes)]
-                if out is None:
-                    return res
-                for o, r in zip(out, res):
-                    o.add_(r)
-                return out
+                self._trial(kind, X, y, weight, probes, out, batch, accumulate)
+                return
             name = self.backend_choices[kind]
             self.backend = name
             try:
-                out = self._run(name, X, y, weight, probes, out)
+                self._run(name, X, y, weight, probes, out, batch, accumulate)
             except RuntimeError as err:
                 if name not in FORWARD_MODE_BACKENDS:
                     raise
@@ -243,15 +349,14 @@ class HessianOperator(CurvatureOperator):
                     f"{name} failed on this model; using double-backward "
                     f"instead ({str(err)[:200]})",
                     RuntimeWarning,
-                    stacklevel=4,
+                    stacklevel=5,
                 )
                 self.backend_choices = {
                     k: ("double-backward" if v == name else v)
                     for k, v in self.backend_choices.items()
                 }
                 self.backend = "double-backward"
-                out = self._run("double-backward", X, y, weight, probes, out)
-        return [o.detach() for o in out]
+                self._run("double-backward", X, y, weight, probes, out, batch, accumulate)
 
     def block_row_sums(self) -> list[Tensor]:
         """Row sums of each parameter's diagonal block, ``H_ii @ 1``, shaped like the params.

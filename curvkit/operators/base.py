@@ -82,7 +82,12 @@ def preserved_state(model: nn.Module, device: torch.device) -> Iterator[None]:
     finally:
         with torch.no_grad():
             for b, saved in buffers:
-                b.copy_(saved)
+                # only what changed: a copy bumps the version counter, which would void a
+                # kept graph that saved the buffer (eval-mode BatchNorm saves its statistics);
+                # compared by value because BatchNorm updates its statistics in place
+                # without bumping their version
+                if not torch.equal(b, saved):
+                    b.copy_(saved)
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state(cuda_rng, device)

@@ -1,0 +1,202 @@
+"""The kept first-backward graph, probe layouts and quadratic forms, against the dense oracle.
+
+A one-batch ``HessianOperator`` keeps its gradient graph between products; every change that
+makes the kept graph stale must be noticed (the product then matches the *new* Hessian).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import curvkit as ck
+from tests.cases import dense_hessian, make_case, rel_err
+
+TOL = 1e-10
+
+
+def _probes(D: int, K: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(D, K, generator=g, dtype=torch.float64)
+
+
+def _count_forwards(model: torch.nn.Module) -> list[int]:
+    calls = [0]
+    model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def _operator(case, **kwargs):
+    return ck.HessianOperator(
+        case.model, case.loss_fn, case.data, backend="double-backward", **kwargs
+    )
+
+
+@pytest.mark.parametrize(
+    "spec", [("mlp-relu", "ce-sum", [6]), ("bn-eval", "ce-mean", [5]), ("cnn", "mse-sum", [5])]
+)
+def test_second_product_reuses_the_graph(spec):
+    case = make_case(*spec)
+    H = dense_hessian(case)
+    op = _operator(case)
+    calls = _count_forwards(case.model)
+    V = _probes(H.shape[0], 3)
+    assert rel_err(op @ V, H @ V) < TOL
+    assert calls[0] == 1
+    assert rel_err(op @ V[:, 0], H @ V[:, 0]) < TOL
+    assert rel_err(op @ V[:, 1:], H @ V[:, 1:]) < TOL
+    assert calls[0] == 1  # no forward pass after the first product
+    op.clear_cache()
+    assert rel_err(op @ V[:, 2], H @ V[:, 2]) < TOL
+    assert calls[0] == 2
+
+
+def test_cache_graph_false_rebuilds_every_product():
+    case = make_case("mlp-tanh", "mse-mean", [7])
+    op = _operator(case, cache_graph=False)
+    calls = _count_forwards(case.model)
+    v = _probes(op.shape[0], 1)[:, 0]
+    op @ v
+    op @ v
+    assert calls[0] == 2 and op._graph is None
+
+
+def test_several_batches_never_keep_a_graph():
+    case = make_case("mlp-tanh", "mse-sum", [3, 5, 2])
+    H = dense_hessian(case)
+    op = _operator(case)
+    assert not op.cache_graph
+    calls = _count_forwards(case.model)
+    V = _probes(H.shape[0], 4)
+    assert rel_err(op @ V, H @ V) < TOL
+    assert calls[0] == 3  # one forward per batch, shared by all four probes
+    assert op._graph is None
+
+
+def _scale_first_weight_in_place(case):
+    with torch.no_grad():
+        case.params[0].mul_(1.5)
+
+
+def _scale_first_weight_through_data(case):
+    case.params[0].data.mul_(1.5)  # bypasses version counters
+
+
+def _replace_first_weight(case):
+    case.params[0].data = case.params[0].data * 1.5
+
+
+def _scale_inputs_in_place(case):
+    case.data[0].mul_(1.5)
+
+
+def _shift_running_mean(case):
+    case.model[1].running_mean.data.add_(0.5)
+
+
+def _switch_to_train_mode(case):
+    case.model.train()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        _scale_first_weight_in_place,
+        _scale_first_weight_through_data,
+        _replace_first_weight,
+        _scale_inputs_in_place,
+        _shift_running_mean,
+        _switch_to_train_mode,
+    ],
+)
+def test_a_stale_graph_is_rebuilt(change):
+    """After any change the next product equals the new Hessian, not the kept one."""
+    case = make_case("bn-eval", "ce-mean", [5])
+    op = _operator(case)
+    V = _probes(op.shape[0], 2)
+    before = dense_hessian(case)
+    assert rel_err(op @ V, before @ V) < TOL
+    change(case)
+    after = dense_hessian(case)
+    assert rel_err(after @ V, before @ V) > 1e-3  # the change matters
+    assert rel_err(op @ V, after @ V) < TOL
+
+
+def test_train_mode_batchnorm_does_not_keep_its_graph():
+    case = make_case("bn-train", "ce-mean", [6])
+    H = dense_hessian(case)
+    op = _operator(case)
+    buffers = [b.clone() for b in case.model.buffers()]
+    V = _probes(H.shape[0], 2)
+    for _ in range(2):
+        assert rel_err(op @ V, H @ V) < TOL
+    assert op._graph is None
+    assert all(torch.equal(a, b) for a, b in zip(buffers, case.model.buffers()))
+
+
+def test_auto_backend_with_a_kept_graph_matches_the_oracle(case):
+    H = dense_hessian(case)
+    op = ck.HessianOperator(case.model, case.loss_fn, case.data)
+    V = _probes(H.shape[0], 3)
+    for _ in range(2):
+        assert rel_err(op @ V, H @ V) < TOL
+        assert rel_err(op @ V[:, 0], H @ V[:, 0]) < TOL
+
+
+@pytest.mark.parametrize("operator", ["hessian", "ggn"])
+def test_row_and_column_major_blocks_give_the_same_product(operator):
+    """A row-major block is staged in chunks; a column-major one is read in place."""
+    case = make_case("mlp-relu", "ce-mean", [3, 5, 2])
+    cls = ck.HessianOperator if operator == "hessian" else ck.GGNOperator
+    op = cls(case.model, case.loss_fn, case.data, max_probes_per_chunk=2)
+    V = _probes(op.shape[0], 5)
+    column_major = V.T.contiguous().T
+    assert not V.T.is_contiguous() and column_major.T.is_contiguous()
+    a, b = op @ V, op @ column_major
+    assert a.shape == (op.shape[0], 5)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    reference = op.to_dense() @ V
+    assert rel_err(a, reference) < TOL
+
+
+@pytest.mark.parametrize(
+    "spec", [("mlp-tanh", "mse-sum", [3, 5, 2]), ("transformer", "ce-seq-mean", [4])]
+)
+def test_quadratic_form_matches_the_oracle(spec):
+    case = make_case(*spec)
+    H = dense_hessian(case)
+    op = ck.HessianOperator(case.model, case.loss_fn, case.data)
+    V = _probes(H.shape[0], 7)
+    expected = (V * (H @ V)).sum(0)
+    assert rel_err(op.quadratic_form(V), expected) < TOL
+    assert rel_err(op.quadratic_form(V.T.contiguous().T), expected) < TOL
+    v = V[:, 0]
+    assert op.quadratic_form(v).shape == ()
+    assert abs(float(op.quadratic_form(v) - v @ H @ v)) < TOL * float(abs(v @ H @ v))
+
+
+def test_quadratic_form_chunks_to_its_buffer(monkeypatch):
+    """With a buffer of one probe, every probe is its own chunk; the result is unchanged."""
+    from curvkit.operators import base
+
+    case = make_case("cnn", "ce-mean", [4, 2])
+    H = dense_hessian(case)
+    op = ck.HessianOperator(case.model, case.loss_fn, case.data)
+    V = _probes(H.shape[0], 4)
+    D = H.shape[0]
+    monkeypatch.setattr(base, "QUADRATIC_FORM_BUFFER_BYTES", D * 8)
+    assert rel_err(op.quadratic_form(V), (V * (H @ V)).sum(0)) < TOL
+
+
+def test_quadratic_form_of_other_operators():
+    case = make_case("mlp-relu", "ce-sum", [6])
+    G = ck.GGNOperator(case.model, case.loss_fn, case.data)
+    dense = G.to_dense()
+    V = _probes(G.shape[0], 3)
+    assert rel_err(G.quadratic_form(V), (V * (dense @ V)).sum(0)) < TOL
+    A = ck.DenseOperator(dense)
+    assert rel_err((2 * A).quadratic_form(V), 2 * (V * (dense @ V)).sum(0)) < TOL
+    with pytest.raises(ValueError, match="square"):
+        ck.DenseOperator(torch.ones(3, 2, dtype=torch.float64)).quadratic_form(torch.ones(2))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        G.quadratic_form(torch.ones(G.shape[0] + 1, dtype=torch.float64))

@@ -2,9 +2,11 @@
 
 For each model and batch size a fresh worker process measures, side by side on the same
 batch: one eager gradient (``torch.autograd.grad``, the unit), a compiled gradient
-(``--compile``), curvkit's ``HessianOperator`` (``backend="auto"``) for one product and for
-``K`` probes in one ``H @ V`` (per probe), curvkit's ``GGNOperator`` likewise (when it
-exists), and the peers' ways: plain double backward, ``torch.func`` ``jvp(grad)``,
+(``--compile``), curvkit's ``HessianOperator`` (``backend="auto"``) for one product
+(repeated products of one operator, which keeps its graph, and an isolated product of an
+operator with ``cache_graph=False``), for ``K`` probes in one ``H @ V`` (per probe) and for
+``K`` quadratic forms ``H.quadratic_form(V)``, curvkit's ``GGNOperator`` likewise, and the
+peers' ways: plain double backward, ``torch.func`` ``jvp(grad)``,
 curvlinops 3.0.1 ``HessianLinearOperator @ v`` and BackPACK ``hessian_vector_product``.
 
 Timing: after warm-up, rounds run every method once in turn; each method's time is divided by
@@ -191,7 +193,9 @@ def build_methods(model, loss_fn, X, y, ks, compile_grad: bool):
     D = sum(p.numel() for p in params)
     g = torch.Generator(device="cpu").manual_seed(0)
     v_flat = torch.randn(D, generator=g).to(X.device)
-    V_flat = {k: torch.randn(D, k, generator=g).to(X.device) for k in ks}
+    # column-major (D, K) blocks, the layout curvkit's estimators draw and its products
+    # return; a row-major block costs one extra transposing copy (see docs/performance.md)
+    V_flat = {k: torch.randn(k, D, generator=g).to(X.device).T for k in ks}
     v = [t.reshape(p.shape) for t, p in zip(v_flat.split([p.numel() for p in params]), params)]
 
     def grad():
@@ -206,10 +210,18 @@ def build_methods(model, loss_fn, X, y, ks, compile_grad: bool):
 
         methods["grad_compiled"] = (grad_compiled, 1)
 
+    # H keeps the forward and first backward between products (a one-batch operator's
+    # default): what repeated products (Lanczos, CG, block estimators) cost. H_cold builds
+    # them afresh for every product: what one isolated product costs.
     H = ck.HessianOperator(model, loss_fn, (X, y), check_deterministic=False)
+    H_cold = ck.HessianOperator(
+        model, loss_fn, (X, y), check_deterministic=False, cache_graph=False
+    )
     methods["curvkit"] = (lambda: H @ v_flat, 1)
+    methods["curvkit_cold"] = (lambda: H_cold @ v_flat, 1)
     for k in ks:
         methods[f"curvkit_k{k}"] = ((lambda k=k: H @ V_flat[k]), k)
+        methods[f"curvkit_qf_k{k}"] = ((lambda k=k: H.quadratic_form(V_flat[k])), k)
 
     def double_backward():
         gr = torch.autograd.grad(loss_fn(model(X), y), params, create_graph=True)
@@ -257,7 +269,7 @@ def build_methods(model, loss_fn, X, y, ks, compile_grad: bool):
             methods[f"ggn_k{k}"] = ((lambda k=k: G @ V_flat[k]), k)
     except (AttributeError, ImportError, TypeError):
         G = None
-    return methods, H, G, differentiable_attention
+    return methods, H, G, differentiable_attention, V_flat
 
 
 def _flat(out) -> torch.Tensor:
@@ -322,6 +334,30 @@ def peak_memory(fn, device) -> float:
     return float(peak * 1024)
 
 
+def held_memory(fn, device) -> float:
+    """Bytes still held after the call returned and its result was dropped."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        _sync(device)
+        before = torch.cuda.memory_allocated(device)
+        del_out = fn()
+        del del_out
+        gc.collect()
+        _sync(device)
+        return float(torch.cuda.memory_allocated(device) - before)
+    if _libc():
+        _libc().malloc_trim(0)
+    before = _rss_kib("VmRSS")
+    del_out = fn()
+    del del_out
+    gc.collect()
+    if _libc():
+        _libc().malloc_trim(0)
+    return float((_rss_kib("VmRSS") - before) * 1024)
+
+
 def measure(spec: dict) -> dict:
     """One (model, batch) configuration; runs in its own worker process."""
     device = torch.device(spec["device"])
@@ -330,7 +366,7 @@ def measure(spec: dict) -> dict:
     model, loss_fn, X, y, desc = make_problem(spec["model"], spec["batch"], spec["sizes"], device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        methods, H, G, differentiable_attention = build_methods(
+        methods, H, G, differentiable_attention, V_flat = build_methods(
             model, loss_fn, X, y, spec["ks"], spec["compile"]
         )
     out = {
@@ -355,8 +391,16 @@ def measure(spec: dict) -> dict:
                 out["methods"][name] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
                 del methods[name]
         ref = _flat(results["double_backward"])
+        for k in spec["ks"]:
+            qf = results.get(f"curvkit_qf_k{k}")
+            if qf is not None and f"curvkit_k{k}" in results:
+                V, HV = V_flat[k], results[f"curvkit_k{k}"]
+                direct = (V * HV).sum(0)
+                out["methods"][f"curvkit_qf_k{k}"]["rel_diff_vs_products"] = float(
+                    (qf - direct).norm() / direct.norm()
+                )
         for name, res in results.items():
-            if name.startswith("grad") or name not in methods:
+            if name.startswith("grad") or name not in methods or "_qf_" in name:
                 continue
             if name.startswith("ggn"):
                 continue
@@ -408,7 +452,14 @@ def measure(spec: dict) -> dict:
             _libc().mallopt(-1, 0)  # M_TRIM_THRESHOLD
         for name, (fn, _) in methods.items():
             fn()  # re-warm with the new allocator settings
+            if name.startswith("curvkit"):
+                # the kept graph is memory the product needs: measure a product that
+                # builds it (and report what it holds between products separately)
+                H.clear_cache()
             out["methods"][name]["peak_bytes"] = peak_memory(fn, device)
+        H.clear_cache()
+        v_probe = V_flat[spec["ks"][0]][:, 0].contiguous()
+        out["methods"]["curvkit"]["kept_graph_bytes"] = held_memory(lambda: H @ v_probe, device)
         gmem = out["methods"]["grad"]["peak_bytes"]
         param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         for name, (_, k) in methods.items():
@@ -522,6 +573,7 @@ def check_targets(summary: dict, ks: list[int], margin: float) -> list[str]:
 
     print("issue-4 targets:")
     want("one HessianOperator product / eager gradient (geomean)", g.get("curvkit"), 2.0)
+    want("one isolated (cold) product / eager gradient (geomean)", g.get("curvkit_cold"), 2.0)
     want("one product's peak memory / gradient's (geomean)", m.get("curvkit"), 2.0)
     for k in ks:
         want(f"K={k} products, per probe / eager gradient (geomean)", g.get(f"curvkit_k{k}"), 1.0)
@@ -530,6 +582,7 @@ def check_targets(summary: dict, ks: list[int], margin: float) -> list[str]:
             summary["geomean_memory_ratio_working"].get(f"curvkit_k{k}"),
             4.0,
         )
+        want(f"K={k} quadratic forms, per probe / eager gradient", g.get(f"curvkit_qf_k{k}"), 1.0)
         if g.get(f"ggn_k{k}") is not None:
             want(f"GGN K={k} per probe / eager gradient (geomean)", g.get(f"ggn_k{k}"), 1.0)
     if g.get("ggn") is not None:
@@ -577,11 +630,14 @@ def markdown(report: dict) -> str:
     head = ["model", "batch", "grad ms", "grad MiB"]
     if has_c:
         head.append("compiled grad")
-    head += ["curvkit 1", *[f"curvkit K={k}" for k in ks], "double bwd", "jvp(grad)"]
+    head += ["curvkit 1", "curvkit 1 cold", *[f"curvkit K={k}" for k in ks]]
+    head += [f"vᵀHv K={k}" for k in ks]
+    head += ["double bwd", "jvp(grad)"]
     head += ["curvlinops", "BackPACK"]
     if has_ggn:
         head += ["GGN 1", *[f"GGN K={k}" for k in ks]]
-    head += ["mem curvkit 1", *[f"mem K={k}*" for k in ks], "curvkit backend (1 / K)"]
+    head += ["mem curvkit 1", *[f"mem K={k}*" for k in ks], "kept graph MiB"]
+    head += ["curvkit backend (1 / K)"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for r in rows:
@@ -595,12 +651,15 @@ def markdown(report: dict) -> str:
         cells.append(f"{g['peak_bytes'] / 2**20:.0f}")
         if has_c:
             cells.append(cell("grad_compiled"))
-        cells += [cell("curvkit"), *[cell(f"curvkit_k{k}") for k in ks]]
+        cells += [cell("curvkit"), cell("curvkit_cold"), *[cell(f"curvkit_k{k}") for k in ks]]
+        cells += [cell(f"curvkit_qf_k{k}") for k in ks]
         cells += [cell(p) for p in PEERS]
         if has_ggn:
             cells += [cell("ggn"), *[cell(f"ggn_k{k}") for k in ks]]
         cells += [cell("curvkit", "memory_ratio")]
         cells += [cell(f"curvkit_k{k}", "memory_ratio_working") for k in ks]
+        kept = M.get("curvkit", {}).get("kept_graph_bytes")
+        cells.append("–" if kept is None else f"{kept / 2**20:.0f}")
         b = r.get("curvkit_backend", {})
         cells.append(f"{b.get('single', '?')} / {b.get('block', '?')}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -609,8 +668,14 @@ def markdown(report: dict) -> str:
     lines += [
         "",
         "Time columns: ratio to one eager gradient on the same batch (per probe for K). "
-        "mem: peak memory / the gradient's peak; *: without the K - 1 extra result columns "
-        "(the (D, K) output alone is K x the parameters).",
+        "curvkit 1 and K: repeated products of one operator, which keeps the forward and "
+        "first backward between products (its default over one batch); curvkit 1 cold: "
+        "an operator that rebuilds them for every product (one isolated product). "
+        "vᵀHv: `H.quadratic_form(V)`, the Hutchinson trace's need, without the (D, K) "
+        "result. Probe blocks are column-major, as curvkit's estimators draw them. "
+        "mem: peak memory of a product that builds the graph / the gradient's peak; "
+        "*: without the K - 1 extra result columns (the (D, K) output alone is K x the "
+        "parameters). kept graph: what the operator holds between products.",
         "",
         "Geometric means over the rows:",
         "",

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 __all__ = [
     "BACKENDS",
@@ -99,17 +100,23 @@ def gradient(loss: Tensor, params: Sequence[Tensor], create_graph: bool) -> list
 
 
 def second_backward(
-    grads: Sequence[Tensor],
+    grads: Sequence[Tensor | GradientEdge | None],
     params: Sequence[Tensor],
     probes: Sequence[Tensor],
     batched: bool = False,
 ) -> list[Tensor]:
     """Differentiate ``sum_i <grads_i, probes_i>`` w.r.t. ``params`` through a kept graph.
 
-    ``probes`` are shaped like ``params`` or, with ``batched=True``, ``(K, *param.shape)``.
-    Gradient entries that carry no graph (constant in the parameters) contribute zero.
+    ``grads`` are tensors or, as from :func:`first_backward`, their gradient edges (``None``
+    for a gradient that is constant in the parameters). ``probes`` are shaped like
+    ``params`` or, with ``batched=True``, ``(K, *param.shape)``. Gradient entries that carry
+    no graph contribute zero.
     """
-    live = [i for i, g in enumerate(grads) if g.requires_grad]
+    live = [
+        i
+        for i, g in enumerate(grads)
+        if g is not None and (not isinstance(g, Tensor) or g.requires_grad)
+    ]
     shape_of = (lambda p: (probes[0].shape[0], *p.shape)) if batched else (lambda p: p.shape)
     if not live:
         return [torch.zeros(shape_of(p), dtype=p.dtype, device=p.device) for p in params]
@@ -125,10 +132,6 @@ def second_backward(
         torch.zeros(shape_of(p), dtype=p.dtype, device=p.device) if h is None else h
         for p, h in zip(params, out)
     ]
-
-
-def _stack(columns: list[list[Tensor]], n: int) -> list[Tensor]:
-    return [torch.stack([col[i] for col in columns]) for i in range(n)]
 
 
 def _double_backward(
@@ -192,7 +195,7 @@ def batched_grad(
 
 
 def graph_hvp(
-    grads: Sequence[Tensor],
+    grads: Sequence[Tensor | GradientEdge | None],
     params: Sequence[Tensor],
     probes: list[Tensor],
     backend: str,
@@ -200,8 +203,9 @@ def graph_hvp(
     out: list[Tensor] | None = None,
     accumulate: bool = True,
 ) -> list[Tensor]:
-    """``H_b @ V`` through a kept first-backward graph: ``grads`` from :func:`gradient`
-    with ``create_graph=True``, ``backend`` ``"double-backward"`` or ``"batched"``.
+    """``H_b @ V`` through a kept first-backward graph: ``grads`` from :func:`first_backward`
+    (or :func:`gradient` with ``create_graph=True``), ``backend`` ``"double-backward"`` or
+    ``"batched"``.
 
     Shapes and ``out``/``accumulate`` as in :func:`batch_hvp`. The graph is retained, so
     the caller may push further probes through the same ``grads``.
@@ -210,7 +214,28 @@ def graph_hvp(
         return _double_backward(grads, params, probes, out, accumulate)
     if backend != "batched":
         raise ValueError(f"{backend!r} does not run through a kept graph")
-    return _into(batched_grad(grads, params, probes, chunk_size), out, accumulate)
+    return _chunked_into(
+        lambda chunk: _batched(grads, params, chunk), probes, chunk_size, out, accumulate
+    )
+
+
+def _chunked_into(
+    compute: Callable[[list[Tensor]], list[Tensor]],
+    probes: list[Tensor],
+    chunk_size: int,
+    out: list[Tensor] | None,
+    accumulate: bool,
+) -> list[Tensor]:
+    """``compute`` on chunks of probes, each chunk's results written into ``out`` at once
+    (so only one chunk's results are ever held), or concatenated without ``out``."""
+    if out is None:
+        pieces = [compute(chunk) for chunk in _chunks(probes, chunk_size)]
+        return _cat(pieces, len(probes))
+    K = probes[0].shape[0]
+    for s in range(0, K, chunk_size):
+        res = compute([v[s : s + chunk_size] for v in probes])
+        _into(res, [o[s : s + chunk_size] for o in out], accumulate)
+    return out
 
 
 def _into(res: list[Tensor], out: list[Tensor] | None, accumulate: bool) -> list[Tensor]:
@@ -254,22 +279,28 @@ def batch_hvp(
     if chunk_size < 1:
         raise ValueError("chunk_size must be at least 1")
     if backend == "forward-over-reverse":
-        res = _forward_over_reverse(
-            model, loss_fn, X, y, weight, params, param_names, probes, chunk_size
-        )
+        compute = _forward_over_reverse(model, loss_fn, X, y, weight, params, param_names)
     elif backend == "forward-ad":
-        res = _forward_ad(model, loss_fn, X, y, weight, params, param_names, probes)
+        compute, chunk_size = _forward_ad(model, loss_fn, X, y, weight, params, param_names), 1
     else:
         grads = first_backward(model, loss_fn, X, y, weight, params)
         return graph_hvp(grads, params, probes, backend, chunk_size, out, accumulate)
-    return _into(res, out, accumulate)
+    return _chunked_into(compute, probes, chunk_size, out, accumulate)
 
 
-def first_backward(model: nn.Module, loss_fn, X, y, weight: float, params) -> list[Tensor]:
-    """Gradient of ``weight * loss_fn(model(X), y)`` with its graph kept for a second pass."""
+def first_backward(
+    model: nn.Module, loss_fn, X, y, weight: float, params
+) -> list[GradientEdge | None]:
+    """The graph of the gradient of ``weight * loss_fn(model(X), y)``, for a second pass.
+
+    Returned as the gradient's edges (``None`` where the gradient is constant in the
+    parameters), not as tensors: the second backward needs only the graph, so the gradient's
+    values (one parameter-sized vector) are freed at once instead of being held with it.
+    """
     loss = weight * loss_fn(model(X), y)
     check_finite(loss.detach(), "the loss")
-    return gradient(loss, params, create_graph=True)
+    grads = gradient(loss, params, create_graph=True)
+    return [get_gradient_edge(g) if g.requires_grad else None for g in grads]
 
 
 def _detached_state(model: nn.Module, params: Sequence[Tensor], param_names: Sequence[str]):
@@ -280,7 +311,8 @@ def _detached_state(model: nn.Module, params: Sequence[Tensor], param_names: Seq
     return buffers, primals
 
 
-def _forward_over_reverse(model, loss_fn, X, y, weight, params, param_names, probes, chunk_size):
+def _forward_over_reverse(model, loss_fn, X, y, weight, params, param_names):
+    """A function of a chunk of probes ``(c, *param.shape)`` returning their products."""
     from torch.func import functional_call, grad, jvp, vmap
 
     buffers, primals = _detached_state(model, params, param_names)
@@ -297,35 +329,35 @@ def _forward_over_reverse(model, loss_fn, X, y, weight, params, param_names, pro
             return jvp(grad_fn, (primals, y), (tuple(tangents), torch.zeros_like(y)))[1]
         return jvp(lambda ps: grad_fn(ps, y), (primals,), (tuple(tangents),))[1]
 
-    pieces = [
-        list(vmap(hvp_one, randomness="same")(*chunk)) for chunk in _chunks(probes, chunk_size)
-    ]
-    return _cat(pieces, len(params))
+    return lambda chunk: list(vmap(hvp_one, randomness="same")(*chunk))
 
 
-def _forward_ad(model, loss_fn, X, y, weight, params, param_names, probes):
+def _forward_ad(model, loss_fn, X, y, weight, params, param_names):
+    """A function of one probe ``(1, *param.shape)`` returning its product."""
     from torch.func import functional_call
 
     buffers, primals = _detached_state(model, params, param_names)
-    K = probes[0].shape[0]
-    columns = []
-    for k in range(K):
+    checked = [False]
+
+    def hvp_one(probe: list[Tensor]) -> list[Tensor]:
         with fwAD.dual_level():
-            duals = [fwAD.make_dual(p, v[k]).requires_grad_() for p, v in zip(primals, probes)]
+            duals = [fwAD.make_dual(p, v[0]).requires_grad_() for p, v in zip(primals, probe)]
             target = y
             if isinstance(y, Tensor) and y.is_floating_point():
                 target = fwAD.make_dual(y, torch.zeros_like(y))
             out = functional_call(model, {**dict(zip(param_names, duals)), **buffers}, (X,))
             loss = weight * loss_fn(out, target)
-            if k == 0:
+            if not checked[0]:
                 check_finite(fwAD.unpack_dual(loss).primal.detach(), "the loss")
+                checked[0] = True
             grads = torch.autograd.grad(loss, duals, allow_unused=True)
             col = []
             for p, g in zip(primals, grads):
                 tangent = None if g is None else fwAD.unpack_dual(g).tangent
-                col.append(torch.zeros_like(p) if tangent is None else tangent.clone())
-        columns.append(col)
-    return _stack(columns, len(params))
+                col.append((torch.zeros_like(p) if tangent is None else tangent.clone())[None])
+        return col
+
+    return hvp_one
 
 
 # ---------------------------------------------------------------------- memory budget

@@ -199,6 +199,11 @@ class CurvatureOperator(LinearOperator):
         """Most probes staged at once when the input block has to be transposed."""
         return 16
 
+    def _matmat_step(self, K: int, column_major: bool) -> int:
+        """Probes per call of ``_batch_matmat`` in ``_matmat``: all of a column-major block
+        (the subclass chunks it as its backend needs), else one staged chunk."""
+        return K if column_major else max(1, min(K, self._probe_chunk()))
+
     def _product_start(self) -> None:
         """Called before every product (subclasses validate kept state here)."""
 
@@ -269,7 +274,7 @@ class CurvatureOperator(LinearOperator):
         """
         D, K = V.shape
         result = torch.empty(K, D, dtype=self.dtype, device=self.device)
-        step = K if V.T.is_contiguous() else max(1, min(K, self._probe_chunk()))
+        step = self._matmat_step(K, column_major=V.T.is_contiguous())
         self._data_pass(V, step, lambda s, e: result[s:e], accumulate=True)
         result = result.T
         check_finite(result, f"the {type(self).__name__} product")

@@ -211,6 +211,12 @@ class GGNOperator(CurvatureOperator):
     def _probe_chunk(self) -> int:
         return self.max_probes_per_chunk
 
+    def _matmat_step(self, K: int, column_major: bool) -> int:
+        # one chunk of probes per call: the batched backward's (chunk, D) results are
+        # written into the result block before the next chunk's are made (a forward pass
+        # per chunk, against (K, D) temporaries for the whole block)
+        return max(1, min(K, self.max_probes_per_chunk))
+
     def _batch_matmat(
         self,
         X,

@@ -200,3 +200,37 @@ def test_quadratic_form_of_other_operators():
         ck.DenseOperator(torch.ones(3, 2, dtype=torch.float64)).quadratic_form(torch.ones(2))
     with pytest.raises(ValueError, match="shape mismatch"):
         G.quadratic_form(torch.ones(G.shape[0] + 1, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------- GGN
+def _ggn_reference(case) -> torch.Tensor:
+    """The GGN without graph reuse (checked against J^T Lambda J in test_ggn.py)."""
+    return ck.GGNOperator(case.model, case.loss_fn, case.data, cache_graph=False).to_dense()
+
+
+@pytest.mark.parametrize("backend", ["double-vjp", "forward"])
+def test_ggn_second_product_reuses_the_graph(backend):
+    case = make_case("mlp-relu", "ce-mean", [6])
+    G = _ggn_reference(case)
+    op = ck.GGNOperator(case.model, case.loss_fn, case.data, backend=backend)
+    calls = _count_forwards(case.model)
+    V = _probes(G.shape[0], 3)
+    assert rel_err(op @ V, G @ V) < TOL
+    assert rel_err(op @ V[:, 0], G @ V[:, 0]) < TOL
+    assert calls[0] == (1 if backend == "double-vjp" else 3)  # torch.func's own forwards
+    with torch.no_grad():
+        case.params[0].mul_(1.5)
+    G_new = _ggn_reference(case)
+    assert rel_err(op @ V, G_new @ V) < TOL
+
+
+def test_ggn_stale_graph_after_data_change_is_rebuilt():
+    case = make_case("bn-eval", "mse-sum", [5])
+    op = ck.GGNOperator(case.model, case.loss_fn, case.data)
+    V = _probes(op.shape[0], 2)
+    before = _ggn_reference(case)
+    assert rel_err(op @ V, before @ V) < TOL
+    _shift_running_mean(case)
+    after = _ggn_reference(case)
+    assert rel_err(after @ V, before @ V) > 1e-3
+    assert rel_err(op @ V, after @ V) < TOL

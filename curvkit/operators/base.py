@@ -9,6 +9,7 @@ found it (buffers, RNG state, ``.grad``), and hands each batch to the subclass's
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -147,8 +148,94 @@ class CurvatureOperator(LinearOperator):
             param_shapes=[p.shape for p in self.params],
         )
         self.couples_samples = _contains_train_batchnorm(model)
+        self._keep_graphs(False)
         if check_deterministic:
             self._check_deterministic()
+
+    # ------------------------------------------------------------------ graph reuse
+    def _one_tensor_batch(self) -> tuple[Tensor, Tensor] | None:
+        """The data's tensors when it is one in-memory ``(X, y)`` batch of tensors."""
+        source = self.batches._source
+        if not isinstance(source, (list, tuple)) or len(source) != 1:
+            return None
+        X, y = self.batches.first()
+        if isinstance(X, Tensor) and isinstance(y, Tensor):
+            return X, y
+        return None
+
+    def _state(self) -> tuple[tuple, list[Tensor]]:
+        """What a kept graph depends on: identities, versions and sampled values."""
+        tensors = [*self.params, *self.model.buffers(), *self._one_tensor_batch()]
+        meta = tuple((t.data_ptr(), t._version, t.shape, t.dtype) for t in tensors)
+        meta += tuple(m.training for m in self.model.modules())
+        samples = [
+            t.detach().reshape(-1)[:: max(1, t.numel() // 16)].clone()
+            for t in tensors[: len(tensors) - 2]
+        ]
+        return meta, samples
+
+    def _state_unchanged(self) -> bool:
+        if self._graph_state is None:
+            return False
+        meta, samples = self._state()
+        old_meta, old_samples = self._graph_state
+        return meta == old_meta and all(torch.equal(a, b) for a, b in zip(samples, old_samples))
+
+    def clear_cache(self) -> None:
+        """Release the kept first-backward graph (the next product builds a new one)."""
+        self._graph = None
+        self._graph_state = None
+
+    def _keep_graphs(self, cache_graph: bool) -> None:
+        """Turn on graph reuse (subclasses that implement ``_build_graph`` call this)."""
+        self.cache_graph = bool(cache_graph) and self._one_tensor_batch() is not None
+        # (batch index, X, y, graph) of the batch being multiplied; kept between products
+        # when cache_graph, with the state it was built from
+        self._graph: tuple[int, Any, Any, Any] | None = None
+        self._graph_state: tuple[tuple, list[Tensor]] | None = None
+        self._graph_build_s = 0.0
+
+    def _product_start(self) -> None:
+        """Called before every product: drop a kept graph that has gone stale."""
+        if self._graph is not None and not self._state_unchanged():
+            self.clear_cache()
+
+    def _product_done(self) -> None:
+        """Called after every product: keep the graph for the next, or release it."""
+        if (
+            self.cache_graph
+            and self._graph is not None
+            and not _contains_train_batchnorm(self.model)
+        ):
+            # recorded after the product restored the buffers, so the restore itself
+            # does not count as a change (train-mode BatchNorm's graph holds the running
+            # statistics that the restore overwrites: not kept)
+            self._graph_state = self._state()
+        else:
+            self.clear_cache()
+
+    def _build_graph(self, X, y, weight: float) -> Any:
+        """What a product on this batch needs that does not depend on the probes (e.g. the
+        gradient's graph); subclasses that reuse graphs implement it."""
+        raise NotImplementedError
+
+    def _batch_graph(self, X, y, weight: float, batch: int) -> Any:
+        """``_build_graph`` of the batch: reused within a product, and between products
+        when ``cache_graph`` and nothing changed."""
+        if self._graph is not None:
+            b, X0, y0, graph = self._graph
+            if b == batch and X0 is X and y0 is y:
+                return graph
+            if self.cache_graph and b == batch and self._graph_state is not None:
+                return graph  # validated at the start of this product
+        self._graph = None  # free the previous batch's graph before building this one
+        start = time.perf_counter()
+        grads = self._build_graph(X, y, weight)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._graph_build_s = time.perf_counter() - start
+        self._graph = (batch, X, y, grads)
+        return grads
 
     # ------------------------------------------------------------------ data pass
     def _prepare(self, X, y):
@@ -203,12 +290,6 @@ class CurvatureOperator(LinearOperator):
         """Probes per call of ``_batch_matmat`` in ``_matmat``: all of a column-major block
         (the subclass chunks it as its backend needs), else one staged chunk."""
         return K if column_major else max(1, min(K, self._probe_chunk()))
-
-    def _product_start(self) -> None:
-        """Called before every product (subclasses validate kept state here)."""
-
-    def _product_done(self) -> None:
-        """Called after every product (subclasses release per-product state here)."""
 
     def _split_rows(self, rows: Tensor) -> list[Tensor]:
         """``(n, D)`` rows -> per-parameter views ``(n, *param.shape)`` (no copies)."""

@@ -32,10 +32,12 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_map
 
 from curvkit.autodiff import (
@@ -149,6 +151,17 @@ def output_hessian_factors(
 
 
 # ---------------------------------------------------------------------- the operator
+@dataclass
+class _GGNGraph:
+    """What a GGN product on one batch needs that does not depend on the probes."""
+
+    out: Tensor  # model output, with the forward graph
+    out_d: Tensor  # detached output the loss is differentiated at
+    g: Tensor | None  # d loss / d out with its graph (None: loss linear in the outputs)
+    u: Tensor | None = None  # the dummy cotangent of the double-VJP J V
+    vjp_edges: list | None = None  # J^T u (gradient edges), differentiated w.r.t. u
+
+
 class GGNOperator(CurvatureOperator):
     """``G = sum_b J_b^T Lambda_b J_b``, the generalised Gauss-Newton matrix over all of ``data``.
 
@@ -172,6 +185,9 @@ class GGNOperator(CurvatureOperator):
             model).
         max_probes_per_chunk: most probes pushed through one batched backward.
         memory_budget: bytes the per-sample VJP chunks of the exact diagonal may use.
+        cache_graph: keep the forward graph, ``d loss / d out`` and (``"double-vjp"``) the
+            ``J^T u`` graph of a one-batch operator between products, as
+            :class:`curvkit.HessianOperator` does with its gradient graph (same rules).
     """
 
     def __init__(
@@ -186,6 +202,7 @@ class GGNOperator(CurvatureOperator):
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         reduction: str | None = None,
         check_deterministic: bool = True,
+        cache_graph: bool = True,
     ) -> None:
         if backend not in GGN_BACKENDS:
             raise ValueError(f"unknown GGN backend {backend!r}; choose one of {GGN_BACKENDS}")
@@ -206,6 +223,7 @@ class GGNOperator(CurvatureOperator):
         self.max_probes_per_chunk = max_probes_per_chunk
         self.memory_budget = int(memory_budget)
         self.backend_fallback_reason: str | None = None
+        self._keep_graphs(cache_graph)
 
     # ------------------------------------------------------------------ products
     def _probe_chunk(self) -> int:
@@ -213,8 +231,8 @@ class GGNOperator(CurvatureOperator):
 
     def _matmat_step(self, K: int, column_major: bool) -> int:
         # one chunk of probes per call: the batched backward's (chunk, D) results are
-        # written into the result block before the next chunk's are made (a forward pass
-        # per chunk, against (K, D) temporaries for the whole block)
+        # written into the result block before the next chunk's are made (the forward
+        # graph is shared by the chunks), instead of (K, D) temporaries for the whole block
         return max(1, min(K, self.max_probes_per_chunk))
 
     def _batch_matmat(
@@ -228,59 +246,74 @@ class GGNOperator(CurvatureOperator):
         batch: int,
         accumulate: bool,
     ) -> None:
-        res = self._batch_product(X, y, weight, probes)
+        res = self._batch_product(X, y, weight, probes, batch)
         for o, r in zip(out, res):
             if accumulate:
                 o.add_(r)
             else:
                 o.copy_(r)
 
-    def _batch_product(self, X, y, weight: float, probes: list[Tensor]) -> list[Tensor]:
+    def _build_graph(self, X, y, weight: float) -> _GGNGraph:
+        out = _as_output_tensor(self.model(X))
+        out_d = out.detach().requires_grad_(True)
+        loss = weight * self.loss_fn(out_d, y)
+        check_finite(loss.detach(), "the loss")
+        (g,) = torch.autograd.grad(loss, out_d, create_graph=True)
+        graph = _GGNGraph(out, out_d, g if g.requires_grad else None)
+        if self.backend == "double-vjp":
+            # J^T u with its graph: differentiated w.r.t. u, it gives J V
+            graph.u = torch.zeros_like(out, requires_grad=True)
+            vjps = torch.autograd.grad(
+                out, self.params, grad_outputs=graph.u, create_graph=True, allow_unused=True
+            )
+            graph.vjp_edges = [
+                get_gradient_edge(v) if v is not None and v.requires_grad else None for v in vjps
+            ]
+        return graph
+
+    def _batch_product(
+        self, X, y, weight: float, probes: list[Tensor], batch: int = 0
+    ) -> list[Tensor]:
         with torch.enable_grad(), differentiable_attention():
+            graph = self._batch_graph(X, y, weight, batch)
             if self.backend == "forward":
                 try:
-                    return self._forward_matmat(X, y, weight, probes)
+                    return self._apply_lambda_and_vjp(graph, self._forward_jvp(X, probes))
                 except RuntimeError as err:
                     self.backend_fallback_reason = f"{type(err).__name__}: {err}"
                     warnings.warn(
                         "the forward-mode GGN product failed on this model; using "
                         f"double-vjp instead ({str(err)[:200]})",
                         RuntimeWarning,
-                        stacklevel=4,
+                        stacklevel=5,
                     )
                     self.backend = "double-vjp"
-            out = _as_output_tensor(self.model(X))
-            JV = self._jvp_double_vjp(out, probes)
-            return self._apply_lambda_and_vjp(out, y, weight, JV)
+            if graph.u is None:  # built for the forward backend
+                self._graph = None
+                graph = self._batch_graph(X, y, weight, batch)
+            return self._apply_lambda_and_vjp(graph, self._jvp_double_vjp(graph, probes))
 
-    def _jvp_double_vjp(self, out: Tensor, probes: list[Tensor]) -> Tensor:
+    def _jvp_double_vjp(self, graph: _GGNGraph, probes: list[Tensor]) -> Tensor:
         """``J V`` as ``d (J^T u) / d u`` applied to the probes; returns ``(K, *out.shape)``."""
-        u = torch.zeros_like(out, requires_grad=True)
-        vjps = torch.autograd.grad(
-            out, self.params, grad_outputs=u, create_graph=True, allow_unused=True
-        )
-        pairs = [(g, v) for g, v in zip(vjps, probes) if g is not None]
+        pairs = [(e, v) for e, v in zip(graph.vjp_edges, probes) if e is not None]
         if not pairs:
-            return out.new_zeros(probes[0].shape[0], *out.shape)
+            return graph.out.new_zeros(probes[0].shape[0], *graph.out.shape)
         (JV,) = batched_grad(
-            [g for g, _ in pairs], [u], [v for _, v in pairs], self.max_probes_per_chunk
+            [e for e, _ in pairs], [graph.u], [v for _, v in pairs], self.max_probes_per_chunk
         )
         return JV
 
-    def _apply_lambda_and_vjp(self, out: Tensor, y, weight: float, JV: Tensor) -> list[Tensor]:
+    def _apply_lambda_and_vjp(self, graph: _GGNGraph, JV: Tensor) -> list[Tensor]:
         """``J^T Lambda (J V)`` given ``JV`` of shape ``(K, *out.shape)``."""
-        out_d = out.detach().requires_grad_(True)
-        loss = weight * self.loss_fn(out_d, y)
-        check_finite(loss.detach(), "the loss")
-        (g,) = torch.autograd.grad(loss, out_d, create_graph=True)
         K = JV.shape[0]
-        if not g.requires_grad:  # loss linear in the outputs
+        if graph.g is None:  # loss linear in the outputs
             return [torch.zeros(K, *p.shape, dtype=p.dtype, device=p.device) for p in self.params]
-        (LJV,) = batched_grad([g], [out_d], [JV], self.max_probes_per_chunk)
-        res = batched_grad([out], self.params, [LJV], self.max_probes_per_chunk)
+        (LJV,) = batched_grad([graph.g], [graph.out_d], [JV], self.max_probes_per_chunk)
+        res = batched_grad([graph.out], self.params, [LJV], self.max_probes_per_chunk)
         return [r.detach() for r in res]
 
-    def _forward_matmat(self, X, y, weight: float, probes: list[Tensor]) -> list[Tensor]:
+    def _forward_jvp(self, X, probes: list[Tensor]) -> Tensor:
+        """``J V`` by ``torch.func.jvp`` vmapped over chunks of probes."""
         from torch.func import functional_call, jvp, vmap
 
         buffers = {n: b.clone() for n, b in self.model.named_buffers()}
@@ -294,9 +327,7 @@ class GGNOperator(CurvatureOperator):
 
         K = probes[0].shape[0]
         c = self.max_probes_per_chunk
-        JV = torch.cat([vmap(jvp_one)(*[v[s : s + c] for v in probes]) for s in range(0, K, c)])
-        out = _as_output_tensor(self.model(X))
-        return self._apply_lambda_and_vjp(out, y, weight, JV)
+        return torch.cat([vmap(jvp_one)(*[v[s : s + c] for v in probes]) for s in range(0, K, c)])
 
     # ------------------------------------------------------------------ exact diagonal
     def _samples_coupled(self) -> bool:

@@ -20,7 +20,7 @@ from curvkit.autodiff import (
     graph_bytes,
     graph_hvp,
 )
-from curvkit.operators.base import CurvatureOperator, _contains_train_batchnorm, preserved_state
+from curvkit.operators.base import CurvatureOperator, preserved_state
 
 __all__ = ["HessianOperator"]
 
@@ -118,76 +118,10 @@ class HessianOperator(CurvatureOperator):
         self.memory_budget = memory_budget
         self._graph_bytes: int | None = None
         self.backend_fallback_reason: str | None = None
-        self.cache_graph = bool(cache_graph) and self._one_tensor_batch() is not None
-        # (batch index, X, y, gradient with graph) of the batch being multiplied; kept
-        # between products when cache_graph, with the state it was built from
-        self._graph: tuple[int, Any, Any, list[Tensor]] | None = None
-        self._graph_state: tuple[tuple, list[Tensor]] | None = None
-        self._graph_build_s = 0.0
+        self._keep_graphs(cache_graph)
 
-    # ------------------------------------------------------------------ graph reuse
-    def _one_tensor_batch(self) -> tuple[Tensor, Tensor] | None:
-        """The data's tensors when it is one in-memory ``(X, y)`` batch of tensors."""
-        source = self.batches._source
-        if not isinstance(source, (list, tuple)) or len(source) != 1:
-            return None
-        X, y = self.batches.first()
-        if isinstance(X, Tensor) and isinstance(y, Tensor):
-            return X, y
-        return None
-
-    def _state(self) -> tuple[tuple, list[Tensor]]:
-        """What a kept graph depends on: identities, versions and sampled values."""
-        tensors = [*self.params, *self.model.buffers(), *self._one_tensor_batch()]
-        meta = tuple((t.data_ptr(), t._version, t.shape, t.dtype) for t in tensors)
-        meta += tuple(m.training for m in self.model.modules())
-        samples = [
-            t.detach().reshape(-1)[:: max(1, t.numel() // 16)].clone()
-            for t in tensors[: len(tensors) - 2]
-        ]
-        return meta, samples
-
-    def _state_unchanged(self) -> bool:
-        if self._graph_state is None:
-            return False
-        meta, samples = self._state()
-        old_meta, old_samples = self._graph_state
-        return meta == old_meta and all(torch.equal(a, b) for a, b in zip(samples, old_samples))
-
-    def clear_cache(self) -> None:
-        """Release the kept first-backward graph (the next product builds a new one)."""
-        self._graph = None
-        self._graph_state = None
-
-    def _product_done(self) -> None:
-        if (
-            self.cache_graph
-            and self._graph is not None
-            and not _contains_train_batchnorm(self.model)
-        ):
-            # recorded after the product restored the buffers, so the restore itself
-            # does not count as a change (train-mode BatchNorm's graph holds the running
-            # statistics that the restore overwrites: not kept)
-            self._graph_state = self._state()
-        else:
-            self.clear_cache()
-
-    def _gradient_graph(self, X, y, weight: float, batch: int) -> list[Tensor]:
-        """The batch's gradient with its graph: reused within a product, and between
-        products when ``cache_graph`` and nothing changed."""
-        if self._graph is not None:
-            b, X0, y0, grads = self._graph
-            if b == batch and X0 is X and y0 is y:
-                return grads
-            if self.cache_graph and b == batch and self._graph_state is not None:
-                return grads  # validated at the start of this product
-        self._graph = None  # free the previous batch's graph before building this one
-        start = time.perf_counter()
-        grads = first_backward(self.model, self.loss_fn, X, y, weight, self.params)
-        self._sync()
-        self._graph_build_s = time.perf_counter() - start
-        self._graph = (batch, X, y, grads)
-        return grads
+    def _build_graph(self, X, y, weight: float) -> list:
+        return first_backward(self.model, self.loss_fn, X, y, weight, self.params)
 
     # ------------------------------------------------------------------ backend choice
     @property
@@ -308,15 +242,11 @@ class HessianOperator(CurvatureOperator):
                 out,
                 accumulate,
             )
-        grads = self._gradient_graph(X, y, weight, batch)
+        grads = self._batch_graph(X, y, weight, batch)
         return graph_hvp(grads, self.params, probes, name, self.chunk_size, out, accumulate)
 
     def _probe_chunk(self) -> int:
         return self.chunk_size
-
-    def _product_start(self) -> None:
-        if self._graph is not None and not self._state_unchanged():
-            self.clear_cache()
 
     def _batch_matmat(
         self,

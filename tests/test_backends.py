@@ -196,3 +196,15 @@ def test_backends_agree_in_float32():
     ref = outs["double-backward"]
     for backend, out in outs.items():
         assert rel_err(out, ref) < 1e-5, backend
+
+
+def test_choice_prefers_the_one_graph_loop_on_a_near_tie():
+    from curvkit.operators.hessian import choose_backend
+
+    assert choose_backend({"double-backward": 1.0, "batched": 0.95}) == "double-backward"
+    assert choose_backend({"double-backward": 1.0, "batched": 0.85}) == "batched"
+    assert choose_backend({"double-backward": 1.0, "forward-ad": 0.97}) == "forward-ad"
+    assert (
+        choose_backend({"double-backward": "RuntimeError: x", "batched": 2.0, "forward-ad": 3.0})
+        == "batched"
+    )

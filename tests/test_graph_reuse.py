@@ -216,8 +216,11 @@ def test_ggn_second_product_reuses_the_graph(backend):
     calls = _count_forwards(case.model)
     V = _probes(G.shape[0], 3)
     assert rel_err(op @ V, G @ V) < TOL
+    first = calls[0]
+    assert first == 1 or backend == "forward"  # "forward": torch.func's own passes too
     assert rel_err(op @ V[:, 0], G @ V[:, 0]) < TOL
-    assert calls[0] == (1 if backend == "double-vjp" else 3)  # torch.func's own forwards
+    # the second product reuses the model's forward graph; "forward" adds its one jvp pass
+    assert calls[0] == first + (0 if backend == "double-vjp" else 1)
     with torch.no_grad():
         case.params[0].mul_(1.5)
     G_new = _ggn_reference(case)

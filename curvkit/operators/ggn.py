@@ -183,7 +183,10 @@ class GGNOperator(CurvatureOperator):
             train-mode BatchNorm. ``"forward"``: ``torch.func.jvp`` vmapped over the probes
             (falls back to ``"double-vjp"`` with a warning where torch.func cannot trace the
             model).
-        max_probes_per_chunk: most probes pushed through one batched backward.
+        max_probes_per_chunk: most probes pushed through one batched backward. ``None``
+            (default): 16 on CUDA, where batching removes launch overhead; 2 on CPU, where
+            the products are compute-bound and larger chunks only cost memory (measured on
+            the benchmark models: 16 probes per chunk were 0-35% slower than 1-2).
         memory_budget: bytes the per-sample VJP chunks of the exact diagonal may use.
         cache_graph: keep the forward graph, ``d loss / d out`` and (``"double-vjp"``) the
             ``J^T u`` graph of a one-batch operator between products, as
@@ -198,7 +201,7 @@ class GGNOperator(CurvatureOperator):
         params: Sequence[Tensor] | None = None,
         *,
         backend: str = "double-vjp",
-        max_probes_per_chunk: int = 16,
+        max_probes_per_chunk: int | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         reduction: str | None = None,
         check_deterministic: bool = True,
@@ -206,8 +209,8 @@ class GGNOperator(CurvatureOperator):
     ) -> None:
         if backend not in GGN_BACKENDS:
             raise ValueError(f"unknown GGN backend {backend!r}; choose one of {GGN_BACKENDS}")
-        if max_probes_per_chunk < 1:
-            raise ValueError("max_probes_per_chunk must be at least 1")
+        if max_probes_per_chunk is not None and max_probes_per_chunk < 1:
+            raise ValueError("max_probes_per_chunk must be at least 1 (or None)")
         if memory_budget < 1:
             raise ValueError("memory_budget must be a positive number of bytes")
         super().__init__(
@@ -220,6 +223,8 @@ class GGNOperator(CurvatureOperator):
             psd=True,
         )
         self.backend = backend
+        if max_probes_per_chunk is None:
+            max_probes_per_chunk = 16 if self.device.type == "cuda" else 2
         self.max_probes_per_chunk = max_probes_per_chunk
         self.memory_budget = int(memory_budget)
         self.backend_fallback_reason: str | None = None

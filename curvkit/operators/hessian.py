@@ -49,8 +49,10 @@ class HessianOperator(CurvatureOperator):
     probes after a warm-up product; the fastest is cached and used from then on.
     ``self.backend`` is the backend of the latest product (``"auto"`` before the first),
     ``self.backend_choices`` the cached choice per kind, and ``self.backend_trials`` the
-    trial's seconds (or the reason a candidate was dropped). Results never depend on the
-    choice beyond rounding. Pass a backend name to skip the trial.
+    trial's seconds (or the reason a candidate was dropped). A vectorised backend, whose
+    memory grows with the probe chunk, is chosen over the one-graph loop only if it is at
+    least 10% faster (:func:`choose_backend`). Results never depend on the choice beyond
+    rounding. Pass a backend name to skip the trial.
 
     Graph reuse (``cache_graph=True``, the default): over one in-memory ``(X, y)`` batch,
     the forward pass and first backward (the gradient with its graph) are kept after a
@@ -198,8 +200,7 @@ class HessianOperator(CurvatureOperator):
                 if name not in FORWARD_MODE_BACKENDS:
                     elapsed += graph_charge
                 timings[name] = min(elapsed, timings.get(name, float("inf")))
-        timed = {n: t for n, t in timings.items() if isinstance(t, float)}
-        choice = min(timed, key=timed.get)
+        choice = choose_backend(timings)
         self.backend_trials[kind] = timings
         self.backend_choices[kind] = choice
         self.backend = choice
@@ -304,6 +305,27 @@ class HessianOperator(CurvatureOperator):
             out.append(HE[start : start + p.numel(), i].reshape(p.shape))
             start += p.numel()
         return out
+
+
+#: a backend whose memory grows with the probe chunk must beat the one-graph loop by this
+#: factor to be chosen: a tie in time is not worth chunk-size times the memory
+VECTORISED_MARGIN = 0.9
+
+
+def choose_backend(timings: dict[str, float | str]) -> str:
+    """The fastest timed candidate (strings are reasons a candidate was dropped), except
+    that ``"double-backward"`` (one graph, one probe at a time) wins over the vectorised
+    backends (``"batched"``, ``"forward-over-reverse"``: memory grows with the chunk)
+    unless they take less than ``VECTORISED_MARGIN`` of its time."""
+    timed = {n: t for n, t in timings.items() if isinstance(t, float)}
+    choice = min(timed, key=timed.get)
+    if (
+        choice in ("batched", "forward-over-reverse")
+        and "double-backward" in timed
+        and timed[choice] >= VECTORISED_MARGIN * timed["double-backward"]
+    ):
+        return "double-backward"
+    return choice
 
 
 def _rel_diff(a: list[Tensor], b: list[Tensor]) -> float:

@@ -526,7 +526,12 @@ def run_worker(spec: dict, timeout: float) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        return {**{k: spec[k] for k in ("model", "batch")}, "error": proc.stderr[-2000:]}
+        last = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+        return {
+            **{k: spec[k] for k in ("model", "batch")},
+            "error": proc.stderr[-2000:],
+            "note": f"exit status {proc.returncode}: {last[0][:200]}",
+        }
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     res["wall_s"] = time.perf_counter() - t0
     return res
@@ -694,6 +699,11 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {n} | {_fmt(g[n])} | {_fmt(s['geomean_memory_ratio'].get(n))} | {_fmt(w.get(n))} |"
         )
+    failed = [r for r in report["rows"] if "methods" not in r]
+    if failed:
+        lines += ["", "Not measured (worker failed, timed out or was stopped):"]
+        for r in failed:
+            lines.append(f"- {r['model']} batch {r['batch']}: {r.get('note', 'see the JSON')}")
     if has_c and g.get("grad_compiled"):
         lines += [
             "",
@@ -741,9 +751,16 @@ def main(argv=None) -> int:
     p.add_argument("--baseline", help="JSON of an earlier run; exit 1 on regressions")
     p.add_argument("--margin", type=float, default=0.10)
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per config")
+    p.add_argument("--render", metavar="JSON", help="only rewrite --md from an earlier JSON")
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(measure(json.loads(args.worker))))
+        return 0
+    if args.render:
+        md = markdown(json.loads(Path(args.render).read_text()))
+        print(md)
+        if args.md:
+            Path(args.md).write_text(md)
         return 0
     if args.sizes is None:
         args.sizes = "full" if args.device.startswith("cuda") else "cpu"

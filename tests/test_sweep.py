@@ -107,7 +107,7 @@ def test_per_model_learning_rate(tmp_path):
 
 
 def test_shipped_configs_are_valid():
-    for name in ("default", "paper"):
+    for name in ("default", "paper", "paper-large"):
         cfg = load_config(REPO / "experiments" / "configs" / f"{name}.toml")
         assert cfg.name == name and cfg.models
 

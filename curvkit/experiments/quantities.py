@@ -23,8 +23,10 @@ Quantities and their measurement names:
 ``ggn_residual``    ``ggn_residual_share`` = ``‖H − G‖_F / ‖H‖_F`` (estimated, same probes
                     for numerator and denominator), ``ggn_trace`` (exact GGN trace)
 ``cost``            ``grad_seconds``, ``hvp_seconds``, ``hvp_ratio`` (one ``H @ v`` over one
-                    gradient on the same batch), ``hvp_block_ratio`` (per probe of a
-                    ``K``-column ``H @ V``), ``ggnvp_ratio``
+                    gradient on the same batch; repeated products of the point's operator,
+                    which keeps its graph, so one second backward each),
+                    ``hvp_block_ratio`` (per probe of a ``K``-column ``H @ V``),
+                    ``ggnvp_ratio``
 ``estimator_error`` table ``estimator_error``: relative error of trace estimators versus
                     their cost against the exact trace (only where ``D <= max_params``)
 

@@ -52,6 +52,7 @@ __all__ = [
     "graph_bytes",
     "graph_hvp",
     "gradient",
+    "write_into",
     "second_backward",
 ]
 
@@ -234,11 +235,12 @@ def _chunked_into(
     K = probes[0].shape[0]
     for s in range(0, K, chunk_size):
         res = compute([v[s : s + chunk_size] for v in probes])
-        _into(res, [o[s : s + chunk_size] for o in out], accumulate)
+        write_into(res, [o[s : s + chunk_size] for o in out], accumulate)
     return out
 
 
-def _into(res: list[Tensor], out: list[Tensor] | None, accumulate: bool) -> list[Tensor]:
+def write_into(res: list[Tensor], out: list[Tensor] | None, accumulate: bool) -> list[Tensor]:
+    """Copy (or, with ``accumulate``, add) ``res`` into ``out``; ``res`` when ``out`` is None."""
     if out is None:
         return res
     for o, r in zip(out, res):

@@ -45,6 +45,7 @@ from curvkit.autodiff import (
     batched_grad,
     check_finite,
     differentiable_attention,
+    write_into,
 )
 from curvkit.estimators.estimate import Estimate, exact_estimate
 from curvkit.linop import flatten_tensors
@@ -251,12 +252,7 @@ class GGNOperator(CurvatureOperator):
         batch: int,
         accumulate: bool,
     ) -> None:
-        res = self._batch_product(X, y, weight, probes, batch)
-        for o, r in zip(out, res):
-            if accumulate:
-                o.add_(r)
-            else:
-                o.copy_(r)
+        write_into(self._batch_product(X, y, weight, probes, batch), out, accumulate)
 
     def _build_graph(self, X, y, weight: float) -> _GGNGraph:
         out = _as_output_tensor(self.model(X))

@@ -19,6 +19,7 @@ from curvkit.autodiff import (
     first_backward,
     graph_bytes,
     graph_hvp,
+    write_into,
 )
 from curvkit.operators.base import CurvatureOperator, preserved_state
 
@@ -205,11 +206,7 @@ class HessianOperator(CurvatureOperator):
         self.backend_choices[kind] = choice
         self.backend = choice
         if chunk == K and choice == "double-backward":
-            for o, r in zip(out, reference):
-                if accumulate:
-                    o.add_(r)
-                else:
-                    o.copy_(r)
+            write_into(reference, out, accumulate)
             return
         self._run(choice, X, y, weight, probes, out, batch, accumulate)
 

@@ -237,3 +237,35 @@ def test_ggn_stale_graph_after_data_change_is_rebuilt():
     after = _ggn_reference(case)
     assert rel_err(after @ V, before @ V) > 1e-3
     assert rel_err(op @ V, after @ V) < TOL
+
+
+def test_a_block_is_rebuilt_when_another_layer_changes():
+    """The curvature of a parameter subset depends on the parameters outside it."""
+    case = make_case("mlp-tanh", "mse-mean", [7])
+    subset = case.subset()
+    op = ck.HessianOperator(case.model, case.loss_fn, case.data, params=subset)
+    V = _probes(op.shape[0], 2)
+    before = dense_hessian(case, subset)
+    assert rel_err(op @ V, before @ V) < TOL
+    with torch.no_grad():
+        case.params[0].mul_(1.5)  # not in the subset
+    after = dense_hessian(case, subset)
+    assert rel_err(after @ V, before @ V) > 1e-3
+    assert rel_err(op @ V, after @ V) < TOL
+
+
+def test_kept_graph_with_data_in_another_dtype_and_under_no_grad():
+    """Data cast on every product (float32 data, float64 model) still reuses the graph;
+    products under torch.no_grad() work and reuse it too."""
+    case = make_case("mlp-relu", "ce-sum", [6])
+    X, y = case.data
+    op = ck.HessianOperator(case.model, case.loss_fn, (X.float(), y), backend="double-backward")
+    H = dense_hessian(case)  # the oracle on the float64 data; float32 inputs round X
+    V = _probes(H.shape[0], 2)
+    calls = _count_forwards(case.model)
+    first = op @ V
+    with torch.no_grad():
+        second = op @ V
+    assert calls[0] == 1
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert rel_err(first, H @ V) < 1e-6

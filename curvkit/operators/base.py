@@ -165,7 +165,9 @@ class CurvatureOperator(LinearOperator):
 
     def _state(self) -> tuple[tuple, list[Tensor]]:
         """What a kept graph depends on: identities, versions and sampled values."""
-        tensors = [*self.params, *self.model.buffers(), *self._one_tensor_batch()]
+        # every parameter, not only those differentiated: a block's curvature depends on
+        # the rest of the network too
+        tensors = [*self.model.parameters(), *self.model.buffers(), *self._one_tensor_batch()]
         meta = tuple((t.data_ptr(), t._version, t.shape, t.dtype) for t in tensors)
         meta += tuple(m.training for m in self.model.modules())
         samples = [

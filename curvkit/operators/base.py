@@ -170,10 +170,7 @@ class CurvatureOperator(LinearOperator):
         tensors = [*self.model.parameters(), *self.model.buffers(), *self._one_tensor_batch()]
         meta = tuple((t.data_ptr(), t._version, t.shape, t.dtype) for t in tensors)
         meta += tuple(m.training for m in self.model.modules())
-        samples = [
-            t.detach().reshape(-1)[:: max(1, t.numel() // 16)].clone()
-            for t in tensors[: len(tensors) - 2]
-        ]
+        samples = [t.detach().reshape(-1)[:: max(1, t.numel() // 16)].clone() for t in tensors]
         return meta, samples
 
     def _state_unchanged(self) -> bool:
@@ -232,12 +229,12 @@ class CurvatureOperator(LinearOperator):
                 return graph  # validated at the start of this product
         self._graph = None  # free the previous batch's graph before building this one
         start = time.perf_counter()
-        grads = self._build_graph(X, y, weight)
+        graph = self._build_graph(X, y, weight)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._graph_build_s = time.perf_counter() - start
-        self._graph = (batch, X, y, grads)
-        return grads
+        self._graph = (batch, X, y, graph)
+        return graph
 
     # ------------------------------------------------------------------ data pass
     def _prepare(self, X, y):

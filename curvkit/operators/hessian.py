@@ -59,11 +59,12 @@ class HessianOperator(CurvatureOperator):
     the forward pass and first backward (the gradient with its graph) are kept after a
     product and reused by the next, so repeated products (Lanczos, CG, estimators calling
     ``H @ V`` block after block) each cost one second backward per probe. The kept graph
-    holds about what one gradient computation holds (activations, the gradient); it is
+    holds what autograd saved for the gradient (about one gradient computation's
+    activations; the gradient's own values are freed); it is
     rebuilt when anything it depends on changes -- a parameter, buffer or data tensor
     updated in place (version counters) or replaced (storage), a module switched between
     train and eval, or a change of values through ``.data`` (caught by comparing a strided
-    sample of every parameter and buffer) -- and released by :meth:`clear_cache`. It is
+    sample of every parameter, buffer and data tensor) -- and released by :meth:`clear_cache`. It is
     not kept for train-mode BatchNorm, whose graph holds the running statistics that every
     product restores. ``cache_graph=False`` builds it afresh for every product (as always
     happens with several batches, whose graphs are built one at a time in each product).

@@ -144,11 +144,8 @@ def _double_backward(
         out = [torch.empty((K, *p.shape), dtype=p.dtype, device=p.device) for p in params]
         accumulate = False
     for k in range(K):
-        for o, h in zip(out, second_backward(grads, params, [v[k] for v in probes])):
-            if accumulate:
-                o[k].add_(h)
-            else:
-                o[k].copy_(h)
+        h = second_backward(grads, params, [v[k] for v in probes])
+        write_into(h, [o[k] for o in out], accumulate)
     return out
 
 
@@ -169,30 +166,39 @@ def _chunks(probes: list[Tensor], chunk_size: int) -> Iterator[list[Tensor]]:
         yield [v[s : s + chunk_size] for v in probes]
 
 
-def _cat(pieces: list[list[Tensor]], n: int) -> list[Tensor]:
+def _cat(pieces: list[list[Tensor]]) -> list[Tensor]:
     if len(pieces) == 1:
         return pieces[0]
-    return [torch.cat([pc[i] for pc in pieces]) for i in range(n)]
+    return [torch.cat(column) for column in zip(*pieces)]
 
 
 def batched_grad(
-    outputs: Sequence[Tensor],
+    outputs: Sequence[Tensor | GradientEdge | None],
     inputs: Sequence[Tensor],
     grad_outputs: Sequence[Tensor],
     chunk_size: int,
+    out: list[Tensor] | None = None,
+    accumulate: bool = False,
 ) -> list[Tensor]:
     """``sum_i <outputs_i, grad_outputs_i[k]>`` differentiated w.r.t. ``inputs``, for each ``k``.
 
     ``grad_outputs[i]`` has shape ``(K, *outputs[i].shape)``; returns ``(K, *input.shape)``
     per input (zeros where an input is unused). Chunks of ``chunk_size`` probes go through
     one ``is_grads_batched`` backward each, with a loop where an op has no batching rule.
-    The graph is retained.
+    With ``out``, each chunk is written (``accumulate``: added) into it as it is made. The
+    graph is retained.
     """
     K = grad_outputs[0].shape[0]
     if K == 0:
-        return [torch.zeros((0, *x.shape), dtype=x.dtype, device=x.device) for x in inputs]
-    pieces = [_batched(outputs, inputs, chunk) for chunk in _chunks(grad_outputs, chunk_size)]
-    return _cat(pieces, len(inputs))
+        res = [torch.zeros((0, *x.shape), dtype=x.dtype, device=x.device) for x in inputs]
+        return write_into(res, out, accumulate)
+    return _chunked_into(
+        lambda chunk: _batched(outputs, inputs, chunk),
+        list(grad_outputs),
+        chunk_size,
+        out,
+        accumulate,
+    )
 
 
 def graph_hvp(
@@ -215,9 +221,7 @@ def graph_hvp(
         return _double_backward(grads, params, probes, out, accumulate)
     if backend != "batched":
         raise ValueError(f"{backend!r} does not run through a kept graph")
-    return _chunked_into(
-        lambda chunk: _batched(grads, params, chunk), probes, chunk_size, out, accumulate
-    )
+    return batched_grad(grads, params, probes, chunk_size, out, accumulate)
 
 
 def _chunked_into(
@@ -230,8 +234,7 @@ def _chunked_into(
     """``compute`` on chunks of probes, each chunk's results written into ``out`` at once
     (so only one chunk's results are ever held), or concatenated without ``out``."""
     if out is None:
-        pieces = [compute(chunk) for chunk in _chunks(probes, chunk_size)]
-        return _cat(pieces, len(probes))
+        return _cat([compute(chunk) for chunk in _chunks(probes, chunk_size)])
     K = probes[0].shape[0]
     for s in range(0, K, chunk_size):
         res = compute([v[s : s + chunk_size] for v in probes])

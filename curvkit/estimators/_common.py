@@ -28,12 +28,25 @@ def to_square_operator(A: LinearOperator | Tensor, what: str) -> LinearOperator:
     return op
 
 
+def _replicates_as_columns(V: Tensor) -> Tensor:
+    """``(R, D, K)`` -> ``(D, R * K)``: every replicate's probes side by side (a view for
+    the column-major blocks ``sample_probes`` draws)."""
+    R, D, K = V.shape
+    return V.permute(1, 0, 2).reshape(D, R * K)
+
+
 def batched_matmat(op: LinearOperator, V: Tensor, adjoint: bool = False) -> Tensor:
     """``A @ V[r]`` for every replicate ``r`` of a ``(R, D, K)`` block, in one product."""
-    R, D, K = V.shape
-    flat = V.permute(1, 0, 2).reshape(D, R * K)
+    R, _, K = V.shape
+    flat = _replicates_as_columns(V)
     out = op.rmatmat(flat) if adjoint else op.matmat(flat)
     return out.reshape(out.shape[0], R, K).permute(1, 0, 2)
+
+
+def batched_quadratic_form(op: LinearOperator, V: Tensor) -> Tensor:
+    """``v^T A v`` for every probe of every replicate of a ``(R, D, K)`` block: ``(R, K)``."""
+    R, _, K = V.shape
+    return op.quadratic_form(_replicates_as_columns(V)).reshape(R, K)
 
 
 def check_budget(num_matvecs: int | None, default: int = DEFAULT_NUM_MATVECS) -> int:

@@ -74,6 +74,7 @@ from torch import Tensor
 from curvkit.estimators._common import (
     DEFAULT_NUM_MATVECS,
     batched_matmat,
+    batched_quadratic_form,
     check_budget,
     check_replicates,
     finish_estimate,
@@ -172,7 +173,7 @@ def hutchinson_trace(
     D = A.shape[0]
     V = sample_probes((R, D, m), dist, g, A.dtype, A.device)
     # v^T A v only: curvature operators never hold the (D, m) products
-    samples = A.quadratic_form(V.permute(1, 0, 2).reshape(D, R * m)).reshape(R, m)
+    samples = batched_quadratic_form(A, V)  # (R, m)
     value, stderr = mean_stderr(samples)
     info = {"distribution": dist, "stderr": "sample standard error (i.i.d. probes)"}
     dof = m - 1 if m > 1 else None

@@ -9,7 +9,6 @@ found it (buffers, RNG state, ``.grad``), and hands each batch to the subclass's
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -189,10 +188,9 @@ class CurvatureOperator(LinearOperator):
         """Turn on graph reuse (subclasses that implement ``_build_graph`` call this)."""
         self.cache_graph = bool(cache_graph) and self._one_tensor_batch() is not None
         # (batch index, X, y, graph) of the batch being multiplied; kept between products
-        # when cache_graph, with the state it was built from
+        # when cache_graph, with the state it was built from (None while not yet recorded)
         self._graph: tuple[int, Any, Any, Any] | None = None
         self._graph_state: tuple[tuple, list[Tensor]] | None = None
-        self._graph_build_s = 0.0
 
     def _product_start(self) -> None:
         """Called before every product: drop a kept graph that has gone stale."""
@@ -208,8 +206,10 @@ class CurvatureOperator(LinearOperator):
         ):
             # recorded after the product restored the buffers, so the restore itself
             # does not count as a change (train-mode BatchNorm's graph holds the running
-            # statistics that the restore overwrites: not kept)
-            self._graph_state = self._state()
+            # statistics that the restore overwrites: not kept); a graph reused from an
+            # earlier product keeps the state validated at this product's start
+            if self._graph_state is None:
+                self._graph_state = self._state()
         else:
             self.clear_cache()
 
@@ -228,11 +228,8 @@ class CurvatureOperator(LinearOperator):
             if self.cache_graph and b == batch and self._graph_state is not None:
                 return graph  # validated at the start of this product
         self._graph = None  # free the previous batch's graph before building this one
-        start = time.perf_counter()
+        self._graph_state = None
         graph = self._build_graph(X, y, weight)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self._graph_build_s = time.perf_counter() - start
         self._graph = (batch, X, y, graph)
         return graph
 

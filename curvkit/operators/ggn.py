@@ -290,7 +290,7 @@ class GGNOperator(CurvatureOperator):
                     )
                     self.backend = "double-vjp"
             if graph.u is None:  # built for the forward backend
-                self._graph = None
+                self.clear_cache()
                 graph = self._batch_graph(X, y, weight, batch)
             return self._apply_lambda_and_vjp(graph, self._jvp_double_vjp(graph, probes))
 

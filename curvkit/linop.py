@@ -46,6 +46,13 @@ def unflatten_vector(vector: Tensor, shapes: Sequence[torch.Size]) -> list[Tenso
     return [piece.reshape(*shape, *trailing) for piece, shape in zip(vector.split(sizes), shapes)]
 
 
+def group_sums(values: Tensor, group_size: int) -> Tensor:
+    """``(K,)`` -> ``(K // group_size,)``: the sum of each group of consecutive entries."""
+    if group_size == 1:
+        return values
+    return values.reshape(-1, group_size).sum(1)
+
+
 class LinearOperator:
     """A matrix-free linear map ``R^{D_in} -> R^{D_out}`` on torch tensors.
 
@@ -238,19 +245,33 @@ class LinearOperator:
             return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         return torch.cat(columns, dim=1)
 
-    def quadratic_form(self, V: Tensor) -> Tensor:
+    def quadratic_form(self, V: Tensor, group_size: int = 1) -> Tensor:
         """``v^T A v`` for ``V`` of shape ``(D,)`` (a scalar) or each column of ``(D, K)``
         (shape ``(K,)``): what Hutchinson-type trace estimators need. Curvature operators
-        compute it chunk by chunk without holding the ``(D, K)`` product."""
+        compute it chunk by chunk without holding the ``(D, K)`` product.
+
+        ``group_size``: return instead the sum of the forms of each group of ``group_size``
+        consecutive columns, shape ``(K // group_size,)`` (it must divide ``K``). Operators
+        that can collapse the probes of a group (``HessianOperator``'s Taylor mode) compute
+        these sums more cheaply than the forms one by one.
+        """
         if self.shape[0] != self.shape[1]:
             raise ValueError(f"a quadratic form needs a square operator, got shape {self.shape}")
         self._check_block(V, self.shape[1])
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
         if V.ndim == 1:
-            return self._quadratic_form(V.unsqueeze(1))[0]
-        return self._quadratic_form(V)
+            if group_size != 1:
+                raise ValueError("a single vector (D,) has group_size 1")
+            return self._quadratic_form(V.unsqueeze(1), 1)[0]
+        if V.shape[1] % group_size:
+            raise ValueError(
+                f"group_size {group_size} does not divide the number of columns {V.shape[1]}"
+            )
+        return self._quadratic_form(V, group_size)
 
-    def _quadratic_form(self, V: Tensor) -> Tensor:
-        return torch.linalg.vecdot(V, self._matmat(V), dim=0)
+    def _quadratic_form(self, V: Tensor, group_size: int = 1) -> Tensor:
+        return group_sums(torch.linalg.vecdot(V, self._matmat(V), dim=0), group_size)
 
     def row_sum(self) -> Tensor:
         """``A @ 1``: the ``(D_out,)`` vector of row sums."""

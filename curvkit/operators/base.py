@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from curvkit.autodiff import check_finite
 from curvkit.data import Batches, loss_reduction, move_to
-from curvkit.linop import LinearOperator
+from curvkit.linop import LinearOperator, group_sums
 
 __all__ = ["CurvatureOperator", "preserved_state", "resolve_params"]
 
@@ -357,8 +357,9 @@ class CurvatureOperator(LinearOperator):
         check_finite(result, f"the {type(self).__name__} product")
         return result
 
-    def _quadratic_form(self, V: Tensor) -> Tensor:
-        """``v_k^T A v_k`` chunk by chunk: no ``(D, K)`` result is ever held.
+    def _quadratic_form(self, V: Tensor, group_size: int = 1) -> Tensor:
+        """``v_k^T A v_k`` chunk by chunk: no ``(D, K)`` result is ever held (summed over
+        groups of ``group_size`` columns at the end).
 
         One reused ``(step, D)`` buffer of at most ``QUADRATIC_FORM_BUFFER_BYTES`` (one
         probe at least) takes each chunk's products, which are reduced against the probes
@@ -375,4 +376,4 @@ class CurvatureOperator(LinearOperator):
 
         self._data_pass(V, step, lambda s, e: buffer[: e - s], accumulate=False, after=reduce)
         check_finite(forms, f"the {type(self).__name__} quadratic form")
-        return forms
+        return group_sums(forms, group_size)

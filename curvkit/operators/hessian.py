@@ -14,6 +14,7 @@ from curvkit.autodiff import (
     BACKENDS,
     FORWARD_MODE_BACKENDS,
     batch_hvp,
+    check_finite,
     chunk_size_for,
     differentiable_attention,
     first_backward,
@@ -22,6 +23,7 @@ from curvkit.autodiff import (
     write_into,
 )
 from curvkit.operators.base import CurvatureOperator, preserved_state
+from curvkit.taylor import TaylorUnsupportedError, forward_activation_bytes, taylor_quadratic_forms
 
 __all__ = ["HessianOperator"]
 
@@ -29,6 +31,10 @@ __all__ = ["HessianOperator"]
 TRIAL_PROBES = 8
 #: interleaved timing rounds of the trial (the best time of each candidate counts)
 TRIAL_ROUNDS = 2
+#: quadratic-form methods: second-order forward propagation, or v^T (H v)
+QUADRATIC_FORM_METHODS = ("auto", "taylor", "hvp")
+#: Taylor mode holds about this many intermediates of (chunk, *activation) at once
+TAYLOR_LIVE_TENSORS = 6
 
 
 class HessianOperator(CurvatureOperator):
@@ -82,6 +88,15 @@ class HessianOperator(CurvatureOperator):
             forward and first backward of the first batch (measured once). ``None``: no cap.
         cache_graph: keep the first-backward graph of a one-batch operator between
             products (see above).
+        quadratic_form_method: how :meth:`quadratic_form` computes ``v^T H v``:
+            ``"taylor"`` (second-order forward propagation, :mod:`curvkit.taylor`: no
+            backward pass, and the probes of a group can be collapsed), ``"hvp"``
+            (``v^T (H v)`` through the backend above) or ``"auto"`` (default): at the first
+            call both run on the first probes, Taylor mode is checked against ``v^T (H v)``
+            (agreement to ``sqrt(eps)`` relative) and the faster is kept
+            (``quadratic_form_choice``, trial seconds or the reason Taylor mode was dropped in
+            ``quadratic_form_trial``). A model with an operation Taylor mode has no rule for
+            uses ``"hvp"``.
     """
 
     def __init__(
@@ -97,7 +112,13 @@ class HessianOperator(CurvatureOperator):
         reduction: str | None = None,
         check_deterministic: bool = True,
         cache_graph: bool = True,
+        quadratic_form_method: str = "auto",
     ) -> None:
+        if quadratic_form_method not in QUADRATIC_FORM_METHODS:
+            raise ValueError(
+                f"unknown quadratic_form_method {quadratic_form_method!r}; choose one of "
+                f"{QUADRATIC_FORM_METHODS}"
+            )
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {BACKENDS}")
         if max_probes_per_chunk < 1:
@@ -122,6 +143,12 @@ class HessianOperator(CurvatureOperator):
         self.memory_budget = memory_budget
         self._graph_bytes: int | None = None
         self.backend_fallback_reason: str | None = None
+        self.quadratic_form_method = quadratic_form_method
+        self.quadratic_form_choice: str | None = (
+            None if quadratic_form_method == "auto" else quadratic_form_method
+        )
+        self.quadratic_form_trial: dict[str, float | str] = {}
+        self._activation_bytes: tuple[int, int] | None = None
         self._keep_graphs(cache_graph)
 
     def _build_graph(self, X, y, weight: float) -> list:
@@ -291,6 +318,107 @@ class HessianOperator(CurvatureOperator):
                 }
                 self.backend = "double-backward"
                 self._run("double-backward", X, y, weight, probes, out, batch, accumulate)
+
+    # ------------------------------------------------------------------ quadratic forms
+    @property
+    def taylor_chunk_size(self) -> int:
+        """Probes per Taylor-mode pass: at most ``max_probes_per_chunk``, and what fits in
+        ``memory_budget`` or, without one, in twice the activations a gradient saves."""
+        if self._activation_bytes is None:
+            X, y = self._prepare(*self.batches.first())
+            with preserved_state(self.model, self.device), differentiable_attention():
+                self._activation_bytes = forward_activation_bytes(self.model, self.loss_fn, X, y)
+        total, largest = self._activation_bytes
+        budget = self.memory_budget if self.memory_budget is not None else 2 * total
+        return chunk_size_for(TAYLOR_LIVE_TENSORS * largest, budget, self.max_probes_per_chunk)
+
+    def _taylor_forms(self, V: Tensor, group_size: int) -> Tensor:
+        """Group sums of ``v_k^T H v_k`` by Taylor mode, ``(K // group_size,)``."""
+        D, K = V.shape
+        step = max(1, self.taylor_chunk_size // group_size) * group_size
+        step = min(step, K)
+        source = V.T
+        stage = None
+        if not source.is_contiguous():
+            stage = torch.empty(step, D, dtype=self.dtype, device=self.device)
+        sums = torch.zeros(K // group_size, dtype=self.dtype, device=self.device)
+        with preserved_state(self.model, self.device):
+            for X, y, weight in self._iter_batches():
+                for s in range(0, K, step):
+                    e = min(K, s + step)
+                    if stage is None:
+                        rows = source[s:e]
+                    else:
+                        rows = stage[: e - s]
+                        rows.copy_(source[s:e])
+                    sums[s // group_size : e // group_size] += taylor_quadratic_forms(
+                        self.model,
+                        self.loss_fn,
+                        X,
+                        y,
+                        weight,
+                        self.params,
+                        self.param_names,
+                        self._split_rows(rows),
+                        group_size,
+                    )
+        check_finite(sums, "the HessianOperator quadratic form")
+        return sums
+
+    def _quadratic_form(self, V: Tensor, group_size: int = 1) -> Tensor:
+        if self.quadratic_form_choice is None:
+            return self._quadratic_form_trial(V, group_size)
+        if self.quadratic_form_choice == "hvp":
+            return super()._quadratic_form(V, group_size)
+        try:
+            return self._taylor_forms(V, group_size)
+        except TaylorUnsupportedError as err:
+            if self.quadratic_form_method == "taylor":
+                raise
+            warnings.warn(
+                f"Taylor mode failed on this model; using v^T (H v) instead ({err})",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self.quadratic_form_trial["taylor"] = f"{type(err).__name__}: {err}"
+            self.quadratic_form_choice = "hvp"
+            return super()._quadratic_form(V, group_size)
+
+    def _quadratic_form_trial(self, V: Tensor, group_size: int) -> Tensor:
+        """Time Taylor mode against ``v^T (H v)`` on the first probes; keep the faster."""
+        K = V.shape[1]
+        first = min(K, max(1, TRIAL_PROBES // group_size) * group_size)
+        head = V[:, :first]
+        reference = super()._quadratic_form(head, group_size)  # warms up, builds the graph
+        results = {"hvp": reference}
+        timings: dict[str, float | str] = {}
+        try:
+            taylor = self._taylor_forms(head, group_size)
+        except (TaylorUnsupportedError, RuntimeError, TypeError) as err:
+            timings["taylor"] = f"{type(err).__name__}: {str(err)[:200]}"
+        else:
+            err = _rel_diff([taylor], [reference])
+            tol = torch.finfo(self.dtype).eps ** 0.5
+            if not err <= tol:
+                timings["taylor"] = f"disagrees with v^T (H v) (rel. diff. {err:.1e})"
+        methods = {"hvp": lambda: super(HessianOperator, self)._quadratic_form(head, group_size)}
+        if "taylor" not in timings:
+            methods["taylor"] = lambda: self._taylor_forms(head, group_size)
+        for _ in range(TRIAL_ROUNDS):
+            for name, run in methods.items():
+                self._sync()
+                start = time.perf_counter()
+                results[name] = run()
+                self._sync()
+                elapsed = time.perf_counter() - start
+                timings[name] = min(elapsed, timings.get(name, float("inf")))
+        timed = {n: t for n, t in timings.items() if isinstance(t, float)}
+        choice = min(timed, key=timed.get)
+        self.quadratic_form_trial = timings
+        self.quadratic_form_choice = choice
+        if first == K:
+            return results[choice]
+        return torch.cat([results[choice], self._quadratic_form(V[:, first:], group_size)])
 
     def block_row_sums(self) -> list[Tensor]:
         """Row sums of each parameter's diagonal block, ``H_ii @ 1``, shaped like the params.

@@ -1,0 +1,1056 @@
+"""Quadratic forms ``v^T H v`` by second-order forward (Taylor-mode) propagation.
+
+A trace estimate needs ``v^T H v``, not ``H v``. Along the line ``theta(t) = theta + t v``
+the loss is ``L(t)`` and ``v^T H v = L''(0)``; pushing the truncated Taylor polynomial
+``x(t) = x0 + t x1 + t^2/2 x2`` of every intermediate through the network gives ``L''(0)``
+in one forward pass, with no backward pass and no graph. For a linear layer ``z = W x``
+with ``W(t) = W + t V`` the rules are
+
+    z0 = W x0,   z1 = W x1 + V x0,   z2 = W x2 + 2 V x1,
+
+three matrix products per probe against the gradient's three (forward, and two in the
+backward pass) and the second backward's six; the first layer, whose input is data
+(``x1 = x2 = 0``), needs one. Elementwise ``y = f(x)`` gives ``y1 = f' x1`` and
+``y2 = f' x2 + f'' x1^2``.
+
+The ``x0`` part is shared by all probes of a chunk: ``x1`` carries one slice per probe,
+``(K, *shape)``. The second-order part enters every rule linearly, so it can be *collapsed*:
+summed over a group of probes before it is propagated (Dangel, Siebert, Zeinhofer and
+Walther, "Collapsing Taylor Mode Automatic Differentiation", NeurIPS 2025). ``x2`` then
+carries one slice per group of ``group_size`` probes, ``(K // group_size, *shape)``, and the
+result is the sum of the forms in each group. ``group_size = 1`` gives every probe's form.
+
+How it runs: the differentiated parameters are swapped for :class:`Jet` objects, which
+implement ``__torch_function__``, so the model's own ``forward`` (``nn.Linear``, ``F.conv2d``,
+``F.layer_norm``, attention, the losses, ``x.view(...)`` ...) dispatches to the rules below.
+An operation without a rule raises :class:`TaylorUnsupportedError`; callers fall back to
+Hessian-vector products. Every rule is checked against the dense float64 oracle on the
+test case matrix (``tests/test_taylor.py``), including LayerNorm and train-mode BatchNorm,
+where PyTorch's nested forward-mode AD is wrong (DESIGN.md): here their second-order rules
+are built from means, products and ``rsqrt``, not from PyTorch's forward-mode formulas.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import vmap
+
+__all__ = ["Jet", "TaylorUnsupportedError", "forward_activation_bytes", "taylor_quadratic_forms"]
+
+
+class TaylorUnsupportedError(NotImplementedError):
+    """The model uses an operation that Taylor-mode propagation has no rule for."""
+
+
+class Jet:
+    """A second-order Taylor polynomial ``x0 + t x1 + t^2/2 x2`` of a tensor.
+
+    ``x0`` has the tensor's shape ``S``; ``x1`` is ``(K, *S)`` (one slice per probe) and
+    ``x2`` is ``(G, *S)`` (one per group of ``m = K // G`` probes), or ``None`` for zero.
+    """
+
+    __slots__ = ("x0", "x1", "x2", "K", "m")
+
+    def __init__(self, x0: Tensor, x1: Tensor | None, x2: Tensor | None, K: int, m: int):
+        self.x0, self.x1, self.x2, self.K, self.m = x0, x1, x2, K, m
+
+    # -------------------------------------------------------------- tensor-like surface
+    @property
+    def shape(self) -> torch.Size:
+        return self.x0.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x0.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.x0.device
+
+    @property
+    def ndim(self) -> int:
+        return self.x0.ndim
+
+    @property
+    def requires_grad(self) -> bool:
+        return False
+
+    @property
+    def is_nested(self) -> bool:
+        return False
+
+    @property
+    def layout(self) -> torch.layout:
+        return self.x0.layout
+
+    def dim(self) -> int:
+        return self.x0.dim()
+
+    def size(self, dim: int | None = None):
+        return self.x0.size() if dim is None else self.x0.size(dim)
+
+    def numel(self) -> int:
+        return self.x0.numel()
+
+    def is_floating_point(self) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return len(self.x0)
+
+    def __iter__(self):
+        return iter(_dispatch(torch.Tensor.unbind, (self,), {}))
+
+    def __repr__(self) -> str:
+        return f"Jet(shape={tuple(self.shape)}, K={self.K}, group_size={self.m})"
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return _dispatch(func, args, kwargs or {})
+
+    def __getattr__(self, name: str):
+        method = getattr(torch.Tensor, name, None)
+        if method is None or not callable(method):
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        return functools.partial(_dispatch_method, method, self)
+
+    def __add__(self, other):
+        return _add(self, other)
+
+    def __radd__(self, other):
+        return _add(other, self)
+
+    def __sub__(self, other):
+        return _add(self, other, -1.0)
+
+    def __rsub__(self, other):
+        return _add(other, self, -1.0)
+
+    def __neg__(self):
+        return _scale(self, -1.0)
+
+    def __mul__(self, other):
+        return _mul(self, other)
+
+    def __rmul__(self, other):
+        return _mul(other, self)
+
+    def __truediv__(self, other):
+        return _div(self, other)
+
+    def __rtruediv__(self, other):
+        return _div(other, self)
+
+    def __matmul__(self, other):
+        return _bilinear(torch.matmul, self, other)
+
+    def __rmatmul__(self, other):
+        return _bilinear(torch.matmul, other, self)
+
+    def __pow__(self, exponent):
+        return _pow(self, exponent)
+
+    def __getitem__(self, index):
+        return _linear(torch.Tensor.__getitem__, (self, index), {})
+
+    __iadd__ = __add__
+    __isub__ = __sub__
+    __imul__ = __mul__
+    __itruediv__ = __truediv__
+
+
+def _dispatch_method(method, self, *args, **kwargs):
+    return _dispatch(method, (self, *args), kwargs)
+
+
+def _name(func) -> str:
+    name = getattr(func, "__name__", str(func))
+    return name[:-1] if name.endswith("_") and not name.startswith("__") else name
+
+
+def _dispatch(func, args, kwargs):
+    rule = _RULES.get(_name(func))
+    if rule is None:
+        raise TaylorUnsupportedError(
+            f"no Taylor-mode rule for {_name(func)!r}; use Hessian-vector products "
+            "(quadratic_form_method='hvp') for this model"
+        )
+    return rule(func, args, kwargs)
+
+
+# ---------------------------------------------------------------------- helpers
+def _jets(*xs) -> list[Jet]:
+    return [x for x in xs if isinstance(x, Jet)]
+
+
+def _meta(*xs) -> tuple[int, int]:
+    j = _jets(*xs)[0]
+    return j.K, j.m
+
+
+def _p0(x):
+    return x.x0 if isinstance(x, Jet) else x
+
+
+def _full(t: Tensor, shape: torch.Size) -> Tensor:
+    """``(n, *S')`` broadcastable to ``S`` -> ``(n, *S)`` (a view)."""
+    n = t.shape[0]
+    extra = len(shape) - (t.ndim - 1)
+    if extra > 0:
+        t = t.reshape(n, *([1] * extra), *t.shape[1:])
+    return t if t.shape[1:] == shape else t.expand(n, *shape)
+
+
+def _group_sum(t: Tensor, m: int) -> Tensor:
+    """``(K, *S)`` -> ``(K // m, *S)``: sums over each group of ``m`` consecutive probes."""
+    if m == 1:
+        return t
+    return t.reshape(t.shape[0] // m, m, *t.shape[1:]).sum(1)
+
+
+def _plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def _make(y0: Tensor, y1, y2, K: int, m: int) -> Jet:
+    return Jet(y0, y1, y2, K, m)
+
+
+def _shift(dim: int) -> int:
+    """A dimension of ``S`` as a dimension of ``(n, *S)``."""
+    return dim + 1 if dim >= 0 else dim
+
+
+# ---------------------------------------------------------------------- linear maps
+def _linear(func, args, kwargs):
+    """``func`` linear in its (single) jet argument, the others held fixed."""
+    args = list(args)
+    pos = [i for i, a in enumerate(args) if isinstance(a, Jet)]
+    kpos = [k for k, a in kwargs.items() if isinstance(a, Jet)]
+    if len(pos) + len(kpos) != 1:
+        raise TaylorUnsupportedError(f"{_name(func)!r} with several Taylor-mode arguments")
+    jet = args[pos[0]] if pos else kwargs[kpos[0]]
+
+    def call(x):
+        if pos:
+            a = list(args)
+            a[pos[0]] = x
+            return func(*a, **kwargs)
+        return func(*args, **{**kwargs, kpos[0]: x})
+
+    y0 = call(jet.x0)
+    y1 = None if jet.x1 is None else vmap(call)(jet.x1)
+    y2 = None if jet.x2 is None else vmap(call)(jet.x2)
+    if isinstance(y0, (tuple, list)):
+        return type(y0)(
+            _make(
+                a0,
+                None if y1 is None else y1[i],
+                None if y2 is None else y2[i],
+                jet.K,
+                jet.m,
+            )
+            for i, a0 in enumerate(y0)
+        )
+    return _make(y0, y1, y2, jet.K, jet.m)
+
+
+def _joint_linear(func, args, kwargs):
+    """``cat``/``stack`` of a sequence mixing jets and constants (constants are zero in
+    the higher orders)."""
+    seq, rest = args[0], args[1:]
+    jets = _jets(*seq)
+    K, m = jets[0].K, jets[0].m
+    y0 = func([_p0(x) for x in seq], *rest, **kwargs)
+
+    def order(i: int):
+        parts = [getattr(x, f"x{i}") if isinstance(x, Jet) else None for x in seq]
+        if all(p is None for p in parts):
+            return None
+        n = next(p.shape[0] for p in parts if p is not None)
+        parts = [
+            p if p is not None else _p0(x).new_zeros(()).expand(n, *_p0(x).shape)
+            for p, x in zip(parts, seq)
+        ]
+        return vmap(lambda *ps: func(list(ps), *rest, **kwargs))(*parts)
+
+    return _make(y0, order(1), order(2), K, m)
+
+
+def _scale(x: Jet, c) -> Jet:
+    return _make(
+        x.x0 * c,
+        None if x.x1 is None else x.x1 * c,
+        None if x.x2 is None else x.x2 * c,
+        x.K,
+        x.m,
+    )
+
+
+# ---------------------------------------------------------------------- arithmetic
+def _add(a, b, alpha: float = 1.0):
+    """``a + alpha * b`` for jets, tensors and numbers (affine: constants only in order 0)."""
+    if isinstance(alpha, Jet):
+        raise TaylorUnsupportedError("add with a Taylor-mode alpha")
+    y0 = torch.add(_p0(a), _p0(b), alpha=alpha)
+    S = y0.shape
+    K, m = _meta(a, b)
+
+    def order(i: int):
+        ta = getattr(a, f"x{i}") if isinstance(a, Jet) else None
+        tb = getattr(b, f"x{i}") if isinstance(b, Jet) else None
+        if tb is not None and alpha != 1.0:
+            tb = tb * alpha
+        if ta is None and tb is None:
+            return None
+        if ta is None:
+            return _full(tb, S)
+        if tb is None:
+            return _full(ta, S)
+        return _full(_full(ta, S) + _full(tb, S), S)
+
+    return _make(y0, order(1), order(2), K, m)
+
+
+def _mul(a, b):
+    if not isinstance(a, Jet):
+        a, b = b, a
+    if not isinstance(b, Jet):  # jet * constant
+        y0 = a.x0 * b
+        S = y0.shape
+        c = b
+
+        def lin(t):
+            return None if t is None else _full(_full(t, S) * c, S)
+
+        return _make(y0, lin(a.x1), lin(a.x2), a.K, a.m)
+    y0 = a.x0 * b.x0
+    S = y0.shape
+    K, m = a.K, a.m
+
+    def f(t):
+        return None if t is None else _full(t, S)
+
+    a1, a2, b1, b2 = f(a.x1), f(a.x2), f(b.x1), f(b.x2)
+    y1 = _plus(None if a1 is None else a1 * b.x0, None if b1 is None else a.x0 * b1)
+    y2 = _plus(None if a2 is None else a2 * b.x0, None if b2 is None else a.x0 * b2)
+    if a1 is not None and b1 is not None:
+        y2 = _plus(y2, 2 * _group_sum(a1 * b1, m))
+    return _make(y0, None if y1 is None else _full(y1, S), y2, K, m)
+
+
+def _div(a, b):
+    if not isinstance(b, Jet):
+        return _mul(a, 1 / b) if not isinstance(b, Tensor) else _mul(a, torch.reciprocal(b))
+    return _mul(a, _unary_apply(b, *_reciprocal(b.x0)))
+
+
+def _pow(x: Jet, p):
+    if isinstance(p, Jet):
+        raise TaylorUnsupportedError("a Taylor-mode exponent")
+    if isinstance(p, Tensor):
+        if p.numel() != 1:
+            raise TaylorUnsupportedError("pow with a tensor exponent")
+        p = p.item()
+    if p == 2:
+        return _mul(x, x)
+    x0 = x.x0
+    y0 = x0**p
+    return _unary_apply(x, y0, p * x0 ** (p - 1), p * (p - 1) * x0 ** (p - 2))
+
+
+def _bilinear(B: Callable, a, b) -> Jet:
+    """``B(a, b)`` for ``B`` bilinear (matmul, linear, convolution, ...)."""
+    if not isinstance(a, Jet) and not isinstance(b, Jet):
+        return B(a, b)
+    y0 = B(_p0(a), _p0(b))
+    K, m = _meta(a, b)
+    a0, b0 = _p0(a), _p0(b)
+    a1, a2 = (a.x1, a.x2) if isinstance(a, Jet) else (None, None)
+    b1, b2 = (b.x1, b.x2) if isinstance(b, Jet) else (None, None)
+
+    def left(t):  # B(t_k, b0) for every slice k
+        return None if t is None else _batched_left(B, t, b0)
+
+    def right(t):  # B(a0, t_k)
+        return None if t is None else _batched_right(B, a0, t)
+
+    # the terms are fresh tensors of one shape, so they are summed in place
+    y1 = _accumulate(left(a1), right(b1))
+    y2 = _accumulate(left(a2), right(b2))
+    if a1 is not None and b1 is not None:
+        y2 = _accumulate(y2, _cross(B, a1, b1, m), 2.0)
+    return _make(y0, y1, y2, K, m)
+
+
+def _accumulate(a: Tensor | None, b: Tensor | None, alpha: float = 1.0) -> Tensor | None:
+    """``a + alpha * b``, written into ``a`` (a fresh product term) when both exist."""
+    if b is None:
+        return a
+    if a is None:
+        return b if alpha == 1.0 else b * alpha
+    return a.add_(b, alpha=alpha)
+
+
+def _batched_left(B, t: Tensor, b0: Tensor) -> Tensor:
+    if B is F.linear:  # F.linear takes any leading dimensions: one matrix product
+        return F.linear(t, b0)
+    return vmap(B, in_dims=(0, None))(t, b0)
+
+
+def _batched_right(B, a0: Tensor, t: Tensor) -> Tensor:
+    if B is F.linear:
+        # x0 @ V_k^T for all k as one (M, in) @ (in, K * out) product: vmap would expand x0
+        # to (K, M, in) and run K smaller products
+        n, out, inp = t.shape
+        flat = a0.reshape(-1, inp) @ t.reshape(n * out, inp).T  # (M, n * out)
+        return flat.reshape(*a0.shape[:-1], n, out).movedim(-2, 0)
+    return vmap(B, in_dims=(None, 0))(a0, t)
+
+
+def _cross(B, a1: Tensor, b1: Tensor, m: int) -> Tensor:
+    """``sum_{k in group} B(a1_k, b1_k)``: ``(K // m, *S)``."""
+    if B is F.linear:
+        K, out, inp = b1.shape
+        lead = a1.shape[1:-1]
+        prod = torch.bmm(a1.reshape(K, -1, inp), b1.transpose(1, 2))
+        return _group_sum(prod, m).reshape(K // m, *lead, out)
+    return _group_sum(vmap(B)(a1, b1), m)
+
+
+# ---------------------------------------------------------------------- elementwise
+def _unary_apply(x: Jet, y0: Tensor, d1: Tensor, d2: Tensor | None) -> Jet:
+    y1 = None if x.x1 is None else d1 * x.x1
+    y2 = None if x.x2 is None else d1 * x.x2
+    if x.x1 is not None and d2 is not None:
+        y2 = _plus(y2, d2 * _group_sum(x.x1 * x.x1, x.m))
+    return _make(y0, y1, y2, x.K, x.m)
+
+
+def _reciprocal(x0):
+    r = torch.reciprocal(x0)
+    return r, -r * r, 2 * r * r * r
+
+
+def _derivatives(name: str, x0: Tensor, args, kwargs) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``f(x0), f'(x0), f''(x0)`` (``None`` for a second derivative that is zero a.e.)."""
+    if name == "relu":
+        return torch.relu(x0), (x0 > 0).to(x0.dtype), None
+    if name == "tanh":
+        t = torch.tanh(x0)
+        d1 = 1 - t * t
+        return t, d1, -2 * t * d1
+    if name == "sigmoid":
+        s = torch.sigmoid(x0)
+        d1 = s * (1 - s)
+        return s, d1, d1 * (1 - 2 * s)
+    if name == "exp":
+        e = torch.exp(x0)
+        return e, e, e
+    if name == "log":
+        r = torch.reciprocal(x0)
+        return torch.log(x0), r, -r * r
+    if name == "reciprocal":
+        return _reciprocal(x0)
+    if name == "sqrt":
+        s = torch.sqrt(x0)
+        return s, 0.5 / s, -0.25 / (s * x0)
+    if name == "rsqrt":
+        r = torch.rsqrt(x0)
+        return r, -0.5 * r / x0, 0.75 * r / (x0 * x0)
+    if name == "gelu" and kwargs.get("approximate", args[0] if args else "none") == "none":
+        pdf = torch.exp(-0.5 * x0 * x0) / math.sqrt(2 * math.pi)
+        cdf = 0.5 * (1 + torch.erf(x0 / math.sqrt(2)))
+        return x0 * cdf, cdf + x0 * pdf, pdf * (2 - x0 * x0)
+    if name == "softplus" and not args and not kwargs:
+        s = torch.sigmoid(x0)
+        return F.softplus(x0), s, s * (1 - s)
+    return _generic_derivatives(name, x0, args, kwargs)
+
+
+_ELEMENTWISE_GENERIC = {
+    "gelu": F.gelu,
+    "softplus": F.softplus,
+    "silu": F.silu,
+    "elu": F.elu,
+    "leaky_relu": F.leaky_relu,
+    "mish": F.mish,
+    "hardtanh": F.hardtanh,
+    "logsigmoid": F.logsigmoid,
+    "sin": torch.sin,
+    "cos": torch.cos,
+    "abs": torch.abs,
+    "square": torch.square,
+}
+
+
+def _generic_derivatives(name, x0, args, kwargs):
+    """First and second derivatives of an elementwise function by nested forward mode
+    (elementwise ops have no layer_norm-type defect)."""
+    f = _ELEMENTWISE_GENERIC[name]
+
+    def g(t):
+        return f(t, *args, **kwargs)
+
+    ones = torch.ones_like(x0)
+
+    def first(t):
+        return torch.func.jvp(g, (t,), (ones,))[1]
+
+    (y0, d1), (_, d2) = torch.func.jvp(g, (x0,), (ones,)), torch.func.jvp(first, (x0,), (ones,))
+    return y0, d1, d2
+
+
+def _elementwise(func, args, kwargs):
+    x, rest = args[0], args[1:]
+    kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
+    if not isinstance(x, Jet) or _jets(*rest, *kwargs.values()):
+        raise TaylorUnsupportedError(f"{_name(func)!r} with Taylor-mode arguments after the first")
+    if _name(func) in ("relu", "threshold", "hardtanh", "leaky_relu", "elu", "selu", "celu"):
+        rest = rest[:1] if _name(func) != "relu" else ()  # drop an ``inplace`` positional
+    y0, d1, d2 = _derivatives(_name(func), x.x0, rest, kwargs)
+    return _unary_apply(x, y0, d1, d2)
+
+
+# ---------------------------------------------------------------------- layers
+def _linear_layer(func, args, kwargs):
+    x, W = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+    b = args[2] if len(args) > 2 else kwargs.get("bias")
+    out = _bilinear(F.linear, x, W)
+    return out if b is None else _add(out, b)
+
+
+def _conv(func, args, kwargs):
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    x, W, b = bound.pop("input"), bound.pop("weight"), bound.pop("bias", None)
+    conv = functools.partial(func, **bound)
+    out = _bilinear(conv, x, W)
+    if b is None:
+        return out
+    view = (-1,) + (1,) * (_p0(out).ndim - 2)
+    b = _dispatch(torch.Tensor.reshape, (b, view), {}) if isinstance(b, Jet) else b.reshape(view)
+    return _add(out, b)
+
+
+def _embedding(func, args, kwargs):
+    names = ("input", "weight", "padding_idx", "max_norm")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    idx, W = bound["input"], bound["weight"]
+    if isinstance(idx, Jet):
+        raise TaylorUnsupportedError("embedding indices cannot carry Taylor terms")
+    if bound.get("max_norm") is not None:
+        raise TaylorUnsupportedError(
+            "embedding with max_norm (it renormalises the weight in place)"
+        )
+    if not isinstance(W, Jet):
+        return F.embedding(idx, W)
+
+    def take(t):  # (n, V, d) -> (n, *idx.shape, d)
+        return None if t is None else t[:, idx]
+
+    return _make(F.embedding(idx, W.x0), take(W.x1), take(W.x2), W.K, W.m)
+
+
+def _max_pool(func, args, kwargs):
+    x = args[0]
+    kwargs = dict(kwargs)
+    want_indices = kwargs.pop("return_indices", False)
+    names = {
+        "max_pool1d": ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
+        "max_pool2d": ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
+        "max_pool3d": ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
+        "adaptive_max_pool1d": ("output_size",),
+        "adaptive_max_pool2d": ("output_size",),
+    }
+    base = _name(func).lstrip("_").replace("_with_indices", "")
+    for key, value in zip(names[base], args[1:]):
+        if key == "ceil_mode" and len(args) > 6:
+            want_indices = bool(args[6])
+        kwargs[key] = value
+    if len(args) > 6 and base.startswith("max_pool"):  # F.max_pool2d positional order
+        want_indices = bool(args[6])
+    pool = getattr(F, base)
+    y0, idx = pool(x.x0, **kwargs, return_indices=True)
+    nd = int(base[-2])
+    flat_idx = idx.flatten(-nd)
+
+    def pick(t):
+        if t is None:
+            return None
+        src = t.flatten(-nd)
+        return src.gather(-1, flat_idx.expand(t.shape[0], *flat_idx.shape)).reshape(
+            t.shape[0], *y0.shape
+        )
+
+    out = _make(y0, pick(x.x1), pick(x.x2), x.K, x.m)
+    return (out, idx) if want_indices else out
+
+
+def _log_softmax_jet(x: Jet, dim: int) -> Jet:
+    """``log_softmax``: ``x - logsumexp(x)``, whose second-order term is the variance of the
+    first-order term under the softmax distribution."""
+    p = torch.softmax(x.x0, dim)
+    y0 = torch.log_softmax(x.x0, dim)
+    d = _shift(dim)
+    y1 = y2 = None
+    if x.x1 is not None:
+        s1 = (p * x.x1).sum(d, keepdim=True)
+        y1 = x.x1 - s1
+        var = (p * x.x1 * x.x1).sum(d, keepdim=True) - s1 * s1
+        y2 = -_group_sum(var, x.m)
+    if x.x2 is not None:
+        y2 = _plus(y2, x.x2 - (p * x.x2).sum(d, keepdim=True))
+    elif y2 is not None:
+        y2 = y2.expand(y2.shape[0], *y0.shape)
+    return _make(y0, y1, y2, x.K, x.m)
+
+
+def _softmax_dim(args, kwargs) -> int:
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    if dim is None:
+        raise TaylorUnsupportedError("softmax without an explicit dim")
+    if kwargs.get("dtype", args[3] if len(args) > 3 else None) is not None:
+        raise TaylorUnsupportedError("softmax with a dtype")
+    return dim
+
+
+def _log_softmax(func, args, kwargs):
+    return _log_softmax_jet(args[0], _softmax_dim(args, kwargs))
+
+
+def _softmax(func, args, kwargs):
+    ls = _log_softmax_jet(args[0], _softmax_dim(args, kwargs))
+    return _unary_apply(ls, *_derivatives("exp", ls.x0, (), {}))
+
+
+def _cross_entropy(func, args, kwargs):
+    names = ("input", "target", "weight", "size_average", "ignore_index", "reduce")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    x, target = bound.pop("input"), bound.pop("target")
+    if bound.get("label_smoothing", 0.0) != 0.0:
+        raise TaylorUnsupportedError("cross_entropy with label smoothing")
+    if target.is_floating_point():
+        raise TaylorUnsupportedError("cross_entropy with class-probability targets")
+    if bound.get("size_average") is not None or bound.get("reduce") is not None:
+        raise TaylorUnsupportedError("cross_entropy with the deprecated size_average/reduce")
+    ls = _log_softmax_jet(x, 1 if x.ndim > 1 else 0)
+    kw = {k: bound[k] for k in ("weight", "ignore_index", "reduction") if k in bound}
+    return _linear(F.nll_loss, (ls, target), kw)
+
+
+def _reduce(x: Jet, reduction: str):
+    if reduction == "mean":
+        return _linear(torch.mean, (x,), {})
+    if reduction == "sum":
+        return _linear(torch.sum, (x,), {})
+    if reduction == "none":
+        return x
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def _mse_loss(func, args, kwargs):
+    names = ("input", "target", "size_average", "reduce", "reduction")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    if bound.get("size_average") is not None or bound.get("reduce") is not None:
+        raise TaylorUnsupportedError("mse_loss with the deprecated size_average/reduce")
+    if bound.get("weight") is not None:
+        raise TaylorUnsupportedError("mse_loss with weights")
+    d = _add(bound["input"], bound["target"], -1.0)
+    return _reduce(_mul(d, d), bound.get("reduction", "mean"))
+
+
+def _bce_with_logits(func, args, kwargs):
+    names = ("input", "target", "weight", "size_average", "reduce", "reduction", "pos_weight")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    if bound.get("size_average") is not None or bound.get("reduce") is not None:
+        raise TaylorUnsupportedError("BCE with the deprecated size_average/reduce")
+    if bound.get("pos_weight") is not None:
+        raise TaylorUnsupportedError("BCE with pos_weight")
+    x, y = bound["input"], bound["target"]
+    if isinstance(y, Jet):
+        raise TaylorUnsupportedError("BCE with a Taylor-mode target")
+    # softplus(x) - y x, elementwise
+    loss = _add(_unary_apply(x, *_derivatives("softplus", x.x0, (), {})), _mul(x, y), -1.0)
+    if bound.get("weight") is not None:
+        loss = _mul(loss, bound["weight"])
+    return _reduce(loss, bound.get("reduction", "mean"))
+
+
+def _normalise(x: Jet, dims: tuple[int, ...], eps: float) -> Jet:
+    """``(x - mean) / sqrt(var + eps)`` over ``dims`` (biased variance), from means,
+    products and ``rsqrt``: exact to second order (unlike PyTorch's nested forward mode)."""
+    mean = _linear(torch.mean, (x,), {"dim": dims, "keepdim": True})
+    c = _add(x, mean, -1.0)
+    var = _linear(torch.mean, (_mul(c, c),), {"dim": dims, "keepdim": True})
+    v = _add(var, eps)
+    r = _unary_apply(v, *_derivatives("rsqrt", v.x0, (), {}))
+    return _mul(c, r)
+
+
+def _layer_norm(func, args, kwargs):
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    x, shape = bound["input"], bound["normalized_shape"]
+    w, b, eps = bound.get("weight"), bound.get("bias"), bound.get("eps", 1e-5)
+    if not isinstance(x, Jet):
+        x = _as_constant_jet(x, w, b)
+    dims = tuple(range(-len(shape), 0))
+    out = _normalise(x, dims, eps)
+    if w is not None:
+        out = _mul(out, w)
+    if b is not None:
+        out = _add(out, b)
+    return out
+
+
+def _as_constant_jet(x: Tensor, *others) -> Jet:
+    K, m = _meta(*others)
+    return Jet(x, None, None, K, m)
+
+
+def _batch_norm(func, args, kwargs):
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    x = bound["input"]
+    w, b = bound.get("weight"), bound.get("bias")
+    eps = bound.get("eps", args[7] if len(args) > 7 else 1e-5)
+    rm, rv = bound.get("running_mean"), bound.get("running_var")
+    training = bound.get("training", False)
+    if not isinstance(x, Jet):
+        x = _as_constant_jet(x, w, b)
+    C = x.shape[1]
+    view = (1, C) + (1,) * (x.ndim - 2)
+    if training or rm is None:
+        # batch statistics: what the training loss sees; running statistics are not updated
+        out = _normalise(x, tuple(d for d in range(x.ndim) if d != 1), eps)
+    else:
+        out = _mul(_add(x, rm.reshape(view), -1.0), torch.rsqrt(rv.reshape(view) + eps))
+    if w is not None:
+        out = _mul(out, w.reshape(view) if not isinstance(w, Jet) else w.reshape(view))
+    if b is not None:
+        out = _add(out, b.reshape(view) if not isinstance(b, Jet) else b.reshape(view))
+    return out
+
+
+def _attention_scores_mask(L: int, S: int, attn_mask, is_causal: bool, like: Tensor):
+    mask = None
+    if is_causal:
+        mask = torch.ones(L, S, dtype=torch.bool, device=like.device).tril()
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            mask = attn_mask if mask is None else mask & attn_mask
+        else:
+            additive = attn_mask.to(like.dtype)
+            if mask is not None:
+                additive = additive.masked_fill(~mask, float("-inf"))
+            return additive
+    if mask is None:
+        return None
+    return torch.zeros(L, S, dtype=like.dtype, device=like.device).masked_fill(~mask, float("-inf"))
+
+
+def _attention(q, k, v, mask: Tensor | None, scale: float):
+    scores = _bilinear(torch.matmul, q, _transpose_last(k))
+    scores = _mul(scores, scale) if isinstance(scores, Jet) else scores * scale
+    if mask is not None:
+        scores = _add(scores, mask)
+    if isinstance(scores, Jet):
+        probs = _softmax(torch.softmax, (scores,), {"dim": -1})
+    else:
+        probs = torch.softmax(scores, -1)
+    return _bilinear(torch.matmul, probs, v)
+
+
+def _transpose_last(x):
+    if isinstance(x, Jet):
+        return _linear(torch.transpose, (x, -2, -1), {})
+    return x.transpose(-2, -1)
+
+
+def _sdpa(func, args, kwargs):
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    if bound.get("dropout_p", 0.0) != 0.0:
+        raise TaylorUnsupportedError("attention dropout")
+    if bound.get("enable_gqa", False):
+        raise TaylorUnsupportedError("grouped-query attention")
+    q, k, v = bound["query"], bound["key"], bound["value"]
+    L, S, E = q.shape[-2], k.shape[-2], q.shape[-1]
+    scale = bound.get("scale") or 1 / math.sqrt(E)
+    mask = _attention_scores_mask(L, S, bound.get("attn_mask"), bound.get("is_causal"), _p0(q))
+    return _attention(q, k, v, mask, scale)
+
+
+def _multi_head_attention(func, args, kwargs):
+    names = (
+        "query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight",
+        "in_proj_bias", "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight",
+        "out_proj_bias", "training", "key_padding_mask", "need_weights", "attn_mask",
+    )  # fmt: skip
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    unsupported = (
+        bound.get("need_weights", True)
+        or bound.get("bias_k") is not None
+        or bound.get("bias_v") is not None
+        or bound.get("add_zero_attn")
+        or bound.get("key_padding_mask") is not None
+        or bound.get("attn_mask") is not None
+        or bound.get("use_separate_proj_weight", False)
+        or (bound.get("training", True) and bound.get("dropout_p", 0.0) != 0.0)
+    )
+    if unsupported:
+        raise TaylorUnsupportedError(
+            "multi_head_attention_forward beyond need_weights=False without masks, "
+            "bias_k/bias_v, zero attention or separate projection weights"
+        )
+    query, key, value = bound["query"], bound["key"], bound["value"]
+    H, E = bound["num_heads"], bound["embed_dim_to_check"]
+    Wi, bi = bound["in_proj_weight"], bound.get("in_proj_bias")
+    L, N = query.shape[0], query.shape[1]
+    S = key.shape[0]
+    hd = E // H
+
+    def project(x, j):
+        W = Wi[j * E : (j + 1) * E]
+        b = None if bi is None else bi[j * E : (j + 1) * E]
+        return _linear_layer(F.linear, (x, W, b), {})
+
+    def heads(x, length):  # (length, N, E) -> (N * H, length, hd)
+        x = x.reshape(length, N * H, hd) if not isinstance(x, Jet) else x.reshape(length, N * H, hd)
+        return x.transpose(0, 1)
+
+    q = heads(project(query, 0), L)
+    k = heads(project(key, 1), S)
+    v = heads(project(value, 2), S)
+    mask = _attention_scores_mask(L, S, None, bool(bound.get("is_causal", False)), _p0(query))
+    a = _attention(q, k, v, mask, 1 / math.sqrt(hd))  # (N * H, L, hd)
+    a = a.transpose(0, 1).reshape(L * N, E)
+    out = _linear_layer(F.linear, (a, bound["out_proj_weight"], bound["out_proj_bias"]), {})
+    return out.reshape(L, N, E), None
+
+
+def _dropout(func, args, kwargs):
+    names = ("input", "p", "training", "inplace")
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    if bound.get("training", True) and bound.get("p", 0.5) != 0.0:
+        raise TaylorUnsupportedError("dropout in training mode")
+    return bound["input"]
+
+
+def _identity(func, args, kwargs):
+    return args[0]
+
+
+def _binary_method(op):
+    def rule(func, args, kwargs):
+        if kwargs:
+            if op is _add and set(kwargs) == {"alpha"}:
+                return _add(args[0], args[1], kwargs["alpha"])
+            raise TaylorUnsupportedError(f"{_name(func)!r} with keyword arguments {sorted(kwargs)}")
+        return op(*args)
+
+    return rule
+
+
+def _sub(func, args, kwargs):
+    return _add(args[0], args[1], -kwargs.get("alpha", 1.0))
+
+
+def _rsub(func, args, kwargs):
+    return _add(args[1], args[0], -kwargs.get("alpha", 1.0))
+
+
+def _rbinary(op):
+    return lambda func, args, kwargs: op(args[1], args[0])
+
+
+def _matmul(func, args, kwargs):
+    return _bilinear(torch.matmul, args[0], args[1])
+
+
+_LINEAR_OPS = (
+    "view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "swapaxes",
+    "movedim", "unsqueeze", "squeeze", "expand", "expand_as", "contiguous", "clone",
+    "chunk", "split", "unbind", "narrow", "select", "sum", "mean", "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d", "adaptive_avg_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+    "nll_loss", "__getitem__", "repeat", "flip", "roll", "tril", "triu", "diagonal",
+    "view_as", "reshape_as", "mT", "trace",
+)  # fmt: skip
+_ELEMENTWISE_OPS = (
+    "relu", "tanh", "sigmoid", "exp", "log", "reciprocal", "sqrt", "rsqrt", *_ELEMENTWISE_GENERIC,
+)  # fmt: skip
+
+_RULES: dict[str, Callable[[Any, tuple, dict], Any]] = {
+    **{name: _linear for name in _LINEAR_OPS},
+    **{name: _elementwise for name in _ELEMENTWISE_OPS},
+    "cat": _joint_linear,
+    "concat": _joint_linear,
+    "concatenate": _joint_linear,
+    "stack": _joint_linear,
+    "add": _binary_method(_add),
+    "__add__": _binary_method(_add),
+    "__radd__": _rbinary(_add),
+    "__iadd__": _binary_method(_add),
+    "sub": _sub,
+    "__sub__": _sub,
+    "__isub__": _sub,
+    "__rsub__": _rsub,
+    "rsub": _rsub,
+    "neg": lambda func, args, kwargs: _scale(args[0], -1.0),
+    "__neg__": lambda func, args, kwargs: _scale(args[0], -1.0),
+    "mul": _binary_method(_mul),
+    "__mul__": _binary_method(_mul),
+    "__rmul__": _rbinary(_mul),
+    "__imul__": _binary_method(_mul),
+    "div": _binary_method(_div),
+    "true_divide": _binary_method(_div),
+    "__truediv__": _binary_method(_div),
+    "__rtruediv__": _rbinary(_div),
+    "__itruediv__": _binary_method(_div),
+    "pow": _binary_method(_pow),
+    "__pow__": _binary_method(_pow),
+    "matmul": _matmul,
+    "__matmul__": _matmul,
+    "__rmatmul__": _rbinary(lambda a, b: _bilinear(torch.matmul, a, b)),
+    "bmm": _matmul,
+    "mm": _matmul,
+    "linear": _linear_layer,
+    "conv1d": _conv,
+    "conv2d": _conv,
+    "conv3d": _conv,
+    "embedding": _embedding,
+    "max_pool1d": _max_pool,
+    "max_pool2d": _max_pool,
+    "max_pool3d": _max_pool,
+    "_max_pool1d": _max_pool,
+    "_max_pool2d": _max_pool,
+    "_max_pool3d": _max_pool,
+    "max_pool1d_with_indices": _max_pool,
+    "max_pool2d_with_indices": _max_pool,
+    "max_pool3d_with_indices": _max_pool,
+    "adaptive_max_pool1d": _max_pool,
+    "adaptive_max_pool2d": _max_pool,
+    "_adaptive_max_pool1d": _max_pool,
+    "_adaptive_max_pool2d": _max_pool,
+    "adaptive_max_pool1d_with_indices": _max_pool,
+    "adaptive_max_pool2d_with_indices": _max_pool,
+    "softmax": _softmax,
+    "log_softmax": _log_softmax,
+    "cross_entropy": _cross_entropy,
+    "mse_loss": _mse_loss,
+    "binary_cross_entropy_with_logits": _bce_with_logits,
+    "layer_norm": _layer_norm,
+    "batch_norm": _batch_norm,
+    "scaled_dot_product_attention": _sdpa,
+    "multi_head_attention_forward": _multi_head_attention,
+    "dropout": _dropout,
+    "identity": _identity,
+}
+
+
+# ---------------------------------------------------------------------- driver
+@contextlib.contextmanager
+def _jet_parameters(
+    model: nn.Module, param_names: Sequence[str], jets: Sequence[Jet]
+) -> Iterator[None]:
+    """Swap the named parameters of ``model`` for jets (restored on exit)."""
+    swapped = []
+    try:
+        for name, jet in zip(param_names, jets):
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            swapped.append((owner, attr, owner._parameters[attr]))
+            owner._parameters[attr] = jet  # bypasses nn.Module.__setattr__'s type check
+        yield
+    finally:
+        for owner, attr, original in reversed(swapped):
+            owner._parameters[attr] = original
+
+
+def taylor_quadratic_forms(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Tensor], Tensor],
+    X: Any,
+    y: Tensor,
+    weight: float,
+    params: Sequence[Tensor],
+    param_names: Sequence[str],
+    probes: Sequence[Tensor],
+    group_size: int = 1,
+) -> Tensor:
+    """``v_k^T H_b v_k`` for the loss ``weight * loss_fn(model(X), y)`` of one batch.
+
+    Args:
+        probes: per parameter, ``(K, *param.shape)``; the ``K`` probes ``v_k``.
+        group_size: probes whose forms are summed (collapsed) before they are returned;
+            must divide ``K``.
+
+    Returns:
+        ``(K // group_size,)``: the sum of the forms of each group of consecutive probes.
+
+    Raises:
+        TaylorUnsupportedError: the model or loss uses an operation without a rule.
+    """
+    K = probes[0].shape[0]
+    if group_size < 1 or K % group_size:
+        raise ValueError(f"group_size must divide the number of probes {K}, got {group_size}")
+    jets = [Jet(p.detach(), v, None, K, group_size) for p, v in zip(params, probes)]
+    with torch.no_grad(), _jet_parameters(model, param_names, jets):
+        out = model(X)
+        loss = loss_fn(out, y)
+    if not isinstance(loss, Jet):
+        raise TaylorUnsupportedError(
+            "the loss did not depend on the parameters through known rules"
+        )
+    if loss.ndim != 0:
+        raise TaylorUnsupportedError(f"the loss has shape {tuple(loss.shape)}, not a scalar")
+    if loss.x2 is None:
+        return loss.x0.new_zeros(K // group_size)
+    return weight * loss.x2
+
+
+def forward_activation_bytes(model: nn.Module, loss_fn, X, y) -> tuple[int, int]:
+    """``(total, largest)`` bytes of the tensors autograd saves in one forward pass.
+
+    Taylor-mode propagation holds no graph: at any time it holds a few intermediates, each
+    ``(K, *shape)`` per probe chunk, so the largest saved tensor sizes its probe chunks and
+    the total (what a gradient holds) is the yardstick of its memory budget.
+    """
+    sizes: dict[tuple, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        try:
+            storage = t.untyped_storage()
+            sizes[(t.device, storage.data_ptr())] = storage.nbytes()
+        except (RuntimeError, NotImplementedError):
+            sizes[(id(t),)] = t.numel() * t.element_size()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_fn(model(X), y)
+    if not sizes:
+        return 0, 0
+    return int(sum(sizes.values())), int(max(sizes.values()))

@@ -474,6 +474,9 @@ def _derivatives(name: str, x0: Tensor, args, kwargs) -> tuple[Tensor, Tensor, T
         pdf = torch.exp(-0.5 * x0 * x0) / math.sqrt(2 * math.pi)
         cdf = 0.5 * (1 + torch.erf(x0 / math.sqrt(2)))
         return x0 * cdf, cdf + x0 * pdf, pdf * (2 - x0 * x0)
+    if name == "silu":
+        s = torch.sigmoid(x0)
+        return x0 * s, s * (1 + x0 * (1 - s)), s * (1 - s) * (2 + x0 * (1 - 2 * s))
     if name == "softplus" and not args and not kwargs:
         s = torch.sigmoid(x0)
         return F.softplus(x0), s, s * (1 - s)
@@ -497,20 +500,15 @@ _ELEMENTWISE_GENERIC = {
 
 
 def _generic_derivatives(name, x0, args, kwargs):
-    """First and second derivatives of an elementwise function by nested forward mode
-    (elementwise ops have no layer_norm-type defect)."""
+    """First and second derivatives of an elementwise function by double backward (its
+    Jacobian is diagonal, so the gradient of the sum is the derivative)."""
     f = _ELEMENTWISE_GENERIC[name]
-
-    def g(t):
-        return f(t, *args, **kwargs)
-
-    ones = torch.ones_like(x0)
-
-    def first(t):
-        return torch.func.jvp(g, (t,), (ones,))[1]
-
-    (y0, d1), (_, d2) = torch.func.jvp(g, (x0,), (ones,)), torch.func.jvp(first, (x0,), (ones,))
-    return y0, d1, d2
+    with torch.enable_grad():
+        x = x0.detach().requires_grad_()
+        y = f(x, *args, **kwargs)
+        (d1,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+        d2 = torch.autograd.grad(d1.sum(), x, allow_unused=True)[0] if d1.requires_grad else None
+    return y.detach(), d1.detach(), None if d2 is None else d2.detach()
 
 
 def _elementwise(func, args, kwargs):

@@ -43,10 +43,12 @@ def batched_matmat(op: LinearOperator, V: Tensor, adjoint: bool = False) -> Tens
     return out.reshape(out.shape[0], R, K).permute(1, 0, 2)
 
 
-def batched_quadratic_form(op: LinearOperator, V: Tensor) -> Tensor:
-    """``v^T A v`` for every probe of every replicate of a ``(R, D, K)`` block: ``(R, K)``."""
+def batched_quadratic_form(op: LinearOperator, V: Tensor, group_size: int = 1) -> Tensor:
+    """``v^T A v`` for every probe of every replicate of a ``(R, D, K)`` block: ``(R, K)``;
+    with ``group_size`` (dividing ``K``), the sums over groups of consecutive probes:
+    ``(R, K // group_size)``."""
     R, _, K = V.shape
-    return op.quadratic_form(_replicates_as_columns(V)).reshape(R, K)
+    return op.quadratic_form(_replicates_as_columns(V), group_size).reshape(R, K // group_size)
 
 
 def check_budget(num_matvecs: int | None, default: int = DEFAULT_NUM_MATVECS) -> int:

@@ -321,6 +321,12 @@ class HessianOperator(CurvatureOperator):
 
     # ------------------------------------------------------------------ quadratic forms
     @property
+    def collapses_quadratic_forms(self) -> bool:
+        """Whether ``quadratic_form(V, group_size)`` may run in Taylor mode, where summing
+        the forms of a group of probes costs less than computing them one by one."""
+        return self.quadratic_form_choice in (None, "taylor")
+
+    @property
     def taylor_chunk_size(self) -> int:
         """Probes per Taylor-mode pass: at most ``max_probes_per_chunk``, and what fits in
         ``memory_budget`` or, without one, in twice the activations a gradient saves."""

@@ -1,0 +1,284 @@
+"""Taylor-mode quadratic forms ``v^T H v`` (curvkit/taylor.py) against the dense oracle.
+
+Every case of the matrix (LayerNorm, train-mode BatchNorm and attention included), per
+probe and collapsed over groups, plus small models that exercise the rules the matrix does
+not reach (causal attention, strided convolutions with bias, pooling, more elementwise
+functions and losses).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import curvkit as ck
+from curvkit.taylor import TaylorUnsupportedError, taylor_quadratic_forms
+from tests.cases import DTYPE, Case, dense_hessian, make_case, rel_err
+
+TOL = 1e-10
+
+
+def _probes(D: int, K: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(D, K, generator=g, dtype=DTYPE)
+
+
+def _oracle_forms(H: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    return (V * (H @ V)).sum(0)
+
+
+def _taylor_op(case, **kwargs):
+    return ck.HessianOperator(
+        case.model, case.loss_fn, case.data, quadratic_form_method="taylor", **kwargs
+    )
+
+
+def test_every_case_per_probe_and_collapsed(case):
+    H = dense_hessian(case)
+    V = _probes(H.shape[0], 6)
+    expected = _oracle_forms(H, V)
+    op = _taylor_op(case)
+    assert rel_err(op.quadratic_form(V), expected) < TOL
+    sums = op.quadratic_form(V, group_size=3)
+    assert sums.shape == (2,)
+    assert rel_err(sums, expected.reshape(2, 3).sum(1)) < TOL
+    assert rel_err(op.quadratic_form(V, group_size=6), expected.sum().reshape(1)) < TOL
+    v = V[:, 0]
+    assert abs(float(op.quadratic_form(v) - v @ H @ v)) < TOL * float(abs(v @ H @ v))
+    assert op.backend == "auto"  # no Hessian-vector product was run
+
+
+def test_parameter_subset_gives_the_block(case):
+    params = case.subset()
+    H = dense_hessian(case, params)
+    op = ck.HessianOperator(
+        case.model, case.loss_fn, case.data, params=params, quadratic_form_method="taylor"
+    )
+    V = _probes(H.shape[0], 4)
+    assert rel_err(op.quadratic_form(V), _oracle_forms(H, V)) < TOL
+
+
+# ---------------------------------------------------------------------- more rules
+class CausalAttention(nn.Module):
+    """Token embeddings, one pre-norm causal attention block through
+    ``F.scaled_dot_product_attention``, a GELU (tanh approximation) MLP and a head."""
+
+    def __init__(self, vocab: int = 5, d: int = 4, heads: int = 2, seq: int = 3) -> None:
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(0.1 * torch.randn(seq + 2, d))
+        self.ln = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.fc = nn.Linear(d, 2 * d)
+        self.head = nn.Linear(2 * d, vocab)
+
+    def forward(self, tokens):
+        N, T = tokens.shape
+        x = self.embed(tokens) + self.pos[:T]
+        q, k, v = self.qkv(self.ln(x)).view(N, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(N, T, -1))
+        return self.head(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class ConvZoo(nn.Module):
+    """Strided convolution with bias, eval BatchNorm2d, a residual sum, average, max and
+    adaptive pooling, SiLU and sigmoid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(3).eval()
+        self.conv2 = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.head = nn.Linear(3 * 2 * 2 + 3, 2)
+        with torch.no_grad():
+            self.bn.running_mean.normal_()
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        h = F.silu(self.bn(self.conv1(x)))  # (N, 3, 4, 4)
+        h = torch.sigmoid(self.conv2(h)) + h
+        a = F.avg_pool2d(h, 2).flatten(1)  # (N, 12)
+        m, _ = F.adaptive_max_pool2d(h, 1, return_indices=True)
+        return self.head(torch.cat([a, m.flatten(1)], dim=1))
+
+
+class Elementwise(nn.Module):
+    """A linear layer feeding many elementwise functions, softmax and products of jets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.head = nn.Linear(4 * 7, 2)
+
+    def forward(self, x):
+        h = self.lin(x)
+        parts = [
+            torch.exp(-0.5 * h * h),
+            torch.sqrt(h * h + 1.0),
+            h**3 / (1.0 + h**2),
+            F.softplus(h),
+            torch.log(torch.sigmoid(h)),
+            h.softmax(-1) * 3.0,
+            torch.tanh(h).pow(2) - 2 * h.mean(-1, keepdim=True),
+        ]
+        return self.head(torch.stack(parts, dim=1).flatten(1))
+
+
+def _extra_case(name: str) -> Case:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if name == "causal-attention":
+        model = CausalAttention()
+        X = torch.randint(0, 5, (3, 3), generator=g)
+        y = torch.randint(0, 5, (3, 3), generator=g)
+
+        def loss(out, target):
+            return F.cross_entropy(out.flatten(0, 1), target.flatten())
+
+        loss.reduction = "mean"
+        return Case(name, model.to(DTYPE), loss, [(X, y)])
+    if name == "conv-zoo":
+        X = torch.randn(3, 2, 8, 8, generator=g, dtype=DTYPE)
+        y = torch.randint(0, 2, (3, 2), generator=g).to(DTYPE)
+        loss = nn.BCEWithLogitsLoss(weight=torch.tensor([0.3, 2.0], dtype=DTYPE))
+        return Case(name, ConvZoo().to(DTYPE), loss, [(X, y)])
+    X = torch.randn(5, 3, generator=g, dtype=DTYPE)
+    y = torch.randn(5, 2, generator=g, dtype=DTYPE)
+    return Case(name, Elementwise().to(DTYPE), nn.MSELoss(reduction="sum"), [(X, y)])
+
+
+@pytest.mark.parametrize("name", ["causal-attention", "conv-zoo", "elementwise"])
+def test_more_rules_match_the_oracle(name):
+    case = _extra_case(name)
+    H = dense_hessian(case)
+    V = _probes(H.shape[0], 4, seed=3)
+    op = _taylor_op(case)
+    expected = _oracle_forms(H, V)
+    assert rel_err(op.quadratic_form(V), expected) < TOL
+    assert rel_err(op.quadratic_form(V, group_size=2), expected.reshape(2, 2).sum(1)) < TOL
+
+
+# ---------------------------------------------------------------------- operator behaviour
+def test_auto_trial_checks_times_and_records():
+    case = make_case("mlp-tanh", "mse-mean", [7])
+    H = dense_hessian(case)
+    op = ck.HessianOperator(case.model, case.loss_fn, case.data)
+    assert op.quadratic_form_method == "auto" and op.quadratic_form_choice is None
+    V = _probes(H.shape[0], 20)
+    assert rel_err(op.quadratic_form(V), _oracle_forms(H, V)) < TOL
+    assert op.quadratic_form_choice in ("taylor", "hvp")
+    assert set(op.quadratic_form_trial) == {"taylor", "hvp"}
+    assert all(isinstance(t, float) for t in op.quadratic_form_trial.values())
+    # later calls use the choice without a new trial
+    trial = dict(op.quadratic_form_trial)
+    grouped = op.quadratic_form(V, group_size=4)
+    assert rel_err(grouped, _oracle_forms(H, V).reshape(5, 4).sum(1)) < TOL
+    assert op.quadratic_form_trial == trial
+
+
+class Cumulative(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return torch.cumsum(self.lin(x), dim=1)
+
+
+def test_an_op_without_a_rule_falls_back_or_raises():
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(6, 4, generator=g, dtype=DTYPE), torch.randn(6, 3, generator=g, dtype=DTYPE)
+    model = Cumulative().to(DTYPE)
+    case = Case("cumsum", model, nn.MSELoss(), [(X, y)])
+    H = dense_hessian(case)
+    V = _probes(H.shape[0], 3)
+    explicit = ck.HessianOperator(model, nn.MSELoss(), (X, y), quadratic_form_method="taylor")
+    with pytest.raises(TaylorUnsupportedError, match="cumsum"):
+        explicit.quadratic_form(V)
+    # the parameters are back in place after the failure
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+    assert isinstance(model.lin.weight, nn.Parameter)
+    auto = ck.HessianOperator(model, nn.MSELoss(), (X, y))
+    assert rel_err(auto.quadratic_form(V), _oracle_forms(H, V)) < TOL
+    assert auto.quadratic_form_choice == "hvp"
+    assert "cumsum" in auto.quadratic_form_trial["taylor"]
+    assert not auto.collapses_quadratic_forms
+
+
+def test_chunks_within_a_memory_budget_and_row_major_probes():
+    case = make_case("cnn", "ce-mean", [4, 2])
+    H = dense_hessian(case)
+    V = _probes(H.shape[0], 6)
+    expected = _oracle_forms(H, V)
+    op = _taylor_op(case, memory_budget=1)  # one probe per pass (or one group)
+    assert op.taylor_chunk_size == 1
+    assert rel_err(op.quadratic_form(V), expected) < TOL
+    assert rel_err(op.quadratic_form(V.T.contiguous().T), expected) < TOL
+    grouped = op.quadratic_form(V.contiguous(), group_size=2)
+    assert rel_err(grouped, expected.view(3, 2).sum(1)) < TOL
+    default = _taylor_op(case)
+    assert 1 <= default.taylor_chunk_size <= default.max_probes_per_chunk
+
+
+def test_train_batchnorm_buffers_are_unchanged():
+    case = make_case("bn-train", "ce-mean", [6])
+    bn = case.model[1]
+    before = [b.clone() for b in case.model.buffers()]
+    op = _taylor_op(case)
+    H = dense_hessian(case)
+    V = _probes(H.shape[0], 3)
+    assert rel_err(op.quadratic_form(V), _oracle_forms(H, V)) < TOL
+    assert all(torch.equal(a, b) for a, b in zip(before, case.model.buffers()))
+    assert bn.training
+
+
+def test_group_size_validation():
+    case = make_case("mlp-tanh", "mse-mean", [7])
+    op = _taylor_op(case)
+    V = _probes(op.shape[0], 6)
+    with pytest.raises(ValueError, match="does not divide"):
+        op.quadratic_form(V, group_size=4)
+    with pytest.raises(ValueError, match="positive int"):
+        op.quadratic_form(V, group_size=0)
+    with pytest.raises(ValueError, match="group_size 1"):
+        op.quadratic_form(V[:, 0], group_size=2)
+    with pytest.raises(ValueError, match="divide"):
+        taylor_quadratic_forms(
+            case.model, case.loss_fn, *case.batches[0], 1.0, op.params, op.param_names,
+            op._split_rows(V.T.contiguous()), group_size=4,
+        )  # fmt: skip
+    dense = ck.DenseOperator(torch.eye(3, dtype=DTYPE) * 2)
+    assert torch.allclose(
+        dense.quadratic_form(torch.ones(3, 4, dtype=DTYPE), group_size=2),
+        torch.full((2,), 12.0, dtype=DTYPE),
+    )
+
+
+# ---------------------------------------------------------------------- Hutchinson
+def test_hutchinson_collapses_groups_on_a_hessian():
+    case = make_case("layernorm-gelu", "mse-mean", [5])
+    H = dense_hessian(case)
+    op = ck.HessianOperator(case.model, case.loss_fn, case.data)
+    est = ck.trace(
+        op, method="hutchinson", num_matvecs=32, generator=torch.Generator().manual_seed(5)
+    )
+    assert est.info["group_size"] == 4 and est.dof == 7
+    # same probes one by one: the same estimate, a standard error from 32 samples
+    per_probe = ck.trace(
+        op, method="hutchinson", num_matvecs=32, generator=torch.Generator().manual_seed(5),
+        group_size=1,
+    )  # fmt: skip
+    assert "group_size" not in per_probe.info and per_probe.dof == 31
+    assert abs(float(est.value - per_probe.value)) < 1e-10 * abs(float(per_probe.value))
+    assert math.isfinite(float(est.stderr)) and float(est.stderr) > 0
+    with pytest.raises(ValueError, match="does not divide"):
+        ck.trace(op, method="hutchinson", num_matvecs=30, group_size=4)
+    dense = ck.DenseOperator(H)  # not collapsing: one group per probe by default
+    assert "group_size" not in ck.trace(dense, method="hutchinson", num_matvecs=32).info

@@ -187,6 +187,7 @@ def build_methods(model, loss_fn, X, y, ks, compile_grad: bool):
     """name -> (callable returning a list of per-parameter products or grads, probes per call)."""
     import curvkit as ck
     from curvkit.autodiff import differentiable_attention
+    from curvkit.estimators.trace import hutchinson_group_size
 
     params = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -222,6 +223,13 @@ def build_methods(model, loss_fn, X, y, ks, compile_grad: bool):
     for k in ks:
         methods[f"curvkit_k{k}"] = ((lambda k=k: H @ V_flat[k]), k)
         methods[f"curvkit_qf_k{k}"] = ((lambda k=k: H.quadratic_form(V_flat[k])), k)
+        # what ck.trace(H, method="hutchinson") asks for: sums over groups of probes, which
+        # Taylor mode collapses (group size as Hutchinson picks it by default)
+        group = hutchinson_group_size(H, k, None)
+        methods[f"curvkit_qf_grouped_k{k}"] = (
+            (lambda k=k, group=group: H.quadratic_form(V_flat[k], group)),
+            k,
+        )
 
     def double_backward():
         gr = torch.autograd.grad(loss_fn(model(X), y), params, create_graph=True)
@@ -403,6 +411,12 @@ def measure(spec: dict) -> dict:
                 out["methods"][f"curvkit_qf_k{k}"]["rel_diff_vs_products"] = float(
                     (qf - direct).norm() / direct.norm()
                 )
+                grouped = results.get(f"curvkit_qf_grouped_k{k}")
+                if grouped is not None:
+                    total = direct.sum()
+                    out["methods"][f"curvkit_qf_grouped_k{k}"]["rel_diff_vs_products"] = float(
+                        (grouped.sum() - total).abs() / direct.abs().sum()
+                    )
         for name, res in results.items():
             if name.startswith("grad") or name not in methods or "_qf_" in name:
                 continue
@@ -477,6 +491,10 @@ def measure(spec: dict) -> dict:
             extra = 0 if "_qf_" in name else (k - 1) * param_bytes
             m["memory_ratio_working"] = max(m["peak_bytes"] - extra, 0.0) / max(gmem, 1.0)
     out["curvkit_backend"] = dict(H.backend_choices)
+    out["curvkit_quadratic_form"] = H.quadratic_form_choice
+    out["curvkit_quadratic_form_trial"] = {
+        n: (round(t, 6) if isinstance(t, float) else t) for n, t in H.quadratic_form_trial.items()
+    }
     out["curvkit_trials"] = {
         kind: {n: (round(t, 6) if isinstance(t, float) else t) for n, t in trial.items()}
         for kind, trial in H.backend_trials.items()
@@ -594,6 +612,11 @@ def check_targets(summary: dict, ks: list[int], margin: float) -> list[str]:
             4.0,
         )
         want(f"K={k} quadratic forms, per probe / eager gradient", g.get(f"curvkit_qf_k{k}"), 1.0)
+        want(
+            f"K={k} Hutchinson's grouped forms, per probe / eager gradient",
+            g.get(f"curvkit_qf_grouped_k{k}"),
+            1.0,
+        )
         if g.get(f"ggn_k{k}") is not None:
             want(f"GGN K={k} per probe / eager gradient (geomean)", g.get(f"ggn_k{k}"), 1.0)
     if g.get("ggn") is not None:
@@ -644,12 +667,13 @@ def markdown(report: dict) -> str:
         head.append("compiled grad")
     head += ["curvkit 1", "curvkit 1 cold", *[f"curvkit K={k}" for k in ks]]
     head += [f"vᵀHv K={k}" for k in ks]
+    head += [f"trace K={k}" for k in ks]
     head += ["double bwd", "jvp(grad)"]
     head += ["curvlinops", "BackPACK"]
     if has_ggn:
         head += ["GGN 1", "GGN 1 cold", *[f"GGN K={k}" for k in ks]]
     head += ["mem curvkit 1", *[f"mem K={k}*" for k in ks], "kept graph MiB"]
-    head += ["curvkit backend (1 / K)"]
+    head += ["curvkit backend (1 / K / vᵀHv)"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for r in rows:
@@ -665,6 +689,7 @@ def markdown(report: dict) -> str:
             cells.append(cell("grad_compiled"))
         cells += [cell("curvkit"), cell("curvkit_cold"), *[cell(f"curvkit_k{k}") for k in ks]]
         cells += [cell(f"curvkit_qf_k{k}") for k in ks]
+        cells += [cell(f"curvkit_qf_grouped_k{k}") for k in ks]
         cells += [cell(p) for p in PEERS]
         if has_ggn:
             cells += [cell("ggn"), cell("ggn_cold"), *[cell(f"ggn_k{k}") for k in ks]]
@@ -673,7 +698,8 @@ def markdown(report: dict) -> str:
         kept = M.get("curvkit", {}).get("kept_graph_bytes")
         cells.append("–" if kept is None else f"{kept / 2**20:.0f}")
         b = r.get("curvkit_backend", {})
-        cells.append(f"{b.get('single', '?')} / {b.get('block', '?')}")
+        qf_choice = r.get("curvkit_quadratic_form") or "?"
+        cells.append(f"{b.get('single', '?')} / {b.get('block', '?')} / {qf_choice}")
         lines.append("| " + " | ".join(cells) + " |")
     s = report["summary"]
     g = s["geomean_ratio"]
@@ -684,7 +710,11 @@ def markdown(report: dict) -> str:
         "first backward between products (its default over one batch); curvkit 1 cold: "
         "an operator that rebuilds them for every product (one isolated product). "
         "vᵀHv: `H.quadratic_form(V)`, the Hutchinson trace's need, without the (D, K) "
-        "result. Probe blocks are column-major, as curvkit's estimators draw them. "
+        "result (Taylor mode or vᵀ(Hv), whichever the operator's trial found faster); "
+        "trace: the same forms summed over groups of probes, as `ck.trace(H, "
+        'method="hutchinson")` asks for them (Taylor mode collapses each group; group size '
+        "2 for K=16, 8 for K=64). Probe blocks are column-major, as curvkit's estimators "
+        "draw them. "
         "mem: peak memory of a product that builds the graph / the gradient's peak; "
         "*: without the K - 1 extra result columns (the (D, K) output alone is K x the "
         "parameters). kept graph: what the operator holds between products.",

@@ -265,7 +265,9 @@ def test_group_size_validation():
 def test_hutchinson_collapses_groups_on_a_hessian():
     case = make_case("layernorm-gelu", "mse-mean", [5])
     H = dense_hessian(case)
-    op = ck.HessianOperator(case.model, case.loss_fn, case.data)
+    # a budget that fits 16 probes per pass: the group is limited by the 8 groups only
+    op = ck.HessianOperator(case.model, case.loss_fn, case.data, memory_budget=2**30)
+    assert op.max_collapsed_group == 16
     est = ck.trace(
         op, method="hutchinson", num_matvecs=32, generator=torch.Generator().manual_seed(5)
     )
@@ -280,5 +282,8 @@ def test_hutchinson_collapses_groups_on_a_hessian():
     assert math.isfinite(float(est.stderr)) and float(est.stderr) > 0
     with pytest.raises(ValueError, match="does not divide"):
         ck.trace(op, method="hutchinson", num_matvecs=30, group_size=4)
+    tight = ck.HessianOperator(case.model, case.loss_fn, case.data, memory_budget=1)
+    assert tight.max_collapsed_group == 1
+    assert "group_size" not in ck.trace(tight, method="hutchinson", num_matvecs=32).info
     dense = ck.DenseOperator(H)  # not collapsing: one group per probe by default
     assert "group_size" not in ck.trace(dense, method="hutchinson", num_matvecs=32).info

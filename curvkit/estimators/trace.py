@@ -12,8 +12,10 @@ Methods (``TRACE_METHODS``), each counting its cost in matvecs (columns pushed t
     second-order term per group instead of per probe); the estimate is the same, the
     standard error comes from the ``m / g`` i.i.d. group means (``m / g - 1`` dof). The
     default ``group_size=None`` picks, for operators that collapse
-    (``collapses_quadratic_forms``), the largest ``g <= 16`` dividing ``m`` that leaves
-    at least ``MIN_GROUPS = 8`` groups, and 1 otherwise.
+    (``collapses_quadratic_forms``), the largest ``g`` dividing ``m`` that leaves at least
+    ``MIN_GROUPS = 8`` groups, at most 16 and at most the operator's
+    ``max_collapsed_group`` (what one pass holds within its memory budget), and 1
+    otherwise.
 ``"hutch++"``
     Meyer–Musco–Musco–Woodruff: ``k = m // 3`` sketch products, ``k`` products for
     ``A Q``, the remaining ``m - 2k`` as Hutchinson probes of the deflated
@@ -174,7 +176,8 @@ def hutchinson_group_size(A: LinearOperator, m: int, group_size: int | None) -> 
     if group_size is None:
         if not getattr(A, "collapses_quadratic_forms", False):
             return 1
-        fits = [g for g in range(1, MAX_DEFAULT_GROUP + 1) if m % g == 0 and m // g >= MIN_GROUPS]
+        largest = min(MAX_DEFAULT_GROUP, getattr(A, "max_collapsed_group", MAX_DEFAULT_GROUP))
+        fits = [g for g in range(1, largest + 1) if m % g == 0 and m // g >= MIN_GROUPS]
         return max(fits, default=1)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")

@@ -33,8 +33,12 @@ TRIAL_PROBES = 8
 TRIAL_ROUNDS = 2
 #: quadratic-form methods: second-order forward propagation, or v^T (H v)
 QUADRATIC_FORM_METHODS = ("auto", "taylor", "hvp")
-#: Taylor mode holds about this many intermediates of (chunk, *activation) at once
-TAYLOR_LIVE_TENSORS = 6
+#: Taylor mode's peak memory per probe of a chunk, in multiples of the largest tensor a
+#: forward pass saves (measured on the benchmark ResNet and transformer: 9-21)
+TAYLOR_LIVE_TENSORS = 12
+#: default Taylor-mode memory budget, in multiples of the bytes a forward pass saves (a
+#: gradient's peak is about twice those)
+TAYLOR_BUDGET_FACTOR = 4
 
 
 class HessianOperator(CurvatureOperator):
@@ -327,15 +331,25 @@ class HessianOperator(CurvatureOperator):
         return self.quadratic_form_choice in (None, "taylor")
 
     @property
+    def max_collapsed_group(self) -> int:
+        """Largest probe group that one Taylor-mode pass holds within the memory budget
+        (estimators choose their default ``group_size`` up to it)."""
+        return self.taylor_chunk_size
+
+    @property
     def taylor_chunk_size(self) -> int:
         """Probes per Taylor-mode pass: at most ``max_probes_per_chunk``, and what fits in
-        ``memory_budget`` or, without one, in twice the activations a gradient saves."""
+        ``memory_budget`` or, without one, in ``TAYLOR_BUDGET_FACTOR`` times the activations
+        a forward pass saves (about twice a gradient's peak memory). A group of collapsed
+        probes is propagated in one pass, so a larger group overrides this."""
         if self._activation_bytes is None:
             X, y = self._prepare(*self.batches.first())
             with preserved_state(self.model, self.device), differentiable_attention():
                 self._activation_bytes = forward_activation_bytes(self.model, self.loss_fn, X, y)
         total, largest = self._activation_bytes
-        budget = self.memory_budget if self.memory_budget is not None else 2 * total
+        budget = self.memory_budget
+        if budget is None:
+            budget = TAYLOR_BUDGET_FACTOR * total
         return chunk_size_for(TAYLOR_LIVE_TENSORS * largest, budget, self.max_probes_per_chunk)
 
     def _taylor_forms(self, V: Tensor, group_size: int) -> Tensor:

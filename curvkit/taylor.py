@@ -371,8 +371,9 @@ def _pow(x: Jet, p):
     return _unary_apply(x, y0, p * x0 ** (p - 1), p * (p - 1) * x0 ** (p - 2))
 
 
-def _bilinear(B: Callable, a, b) -> Jet:
-    """``B(a, b)`` for ``B`` bilinear (matmul, linear, convolution, ...)."""
+def _bilinear(B: Callable, a, b, cross: Callable | None = None) -> Jet:
+    """``B(a, b)`` for ``B`` bilinear (matmul, linear, convolution, ...); ``cross`` computes
+    the group sums of ``B(a1_k, b1_k)`` where a layer has a faster way than ``vmap``."""
     if not isinstance(a, Jet) and not isinstance(b, Jet):
         return B(a, b)
     y0 = B(_p0(a), _p0(b))
@@ -391,7 +392,7 @@ def _bilinear(B: Callable, a, b) -> Jet:
     y1 = _accumulate(left(a1), right(b1))
     y2 = _accumulate(left(a2), right(b2))
     if a1 is not None and b1 is not None:
-        y2 = _accumulate(y2, _cross(B, a1, b1, m), 2.0)
+        y2 = _accumulate(y2, (cross or functools.partial(_cross, B))(a1, b1, m), 2.0)
     return _make(y0, y1, y2, K, m)
 
 
@@ -536,12 +537,29 @@ def _conv(func, args, kwargs):
     bound.update(kwargs)
     x, W, b = bound.pop("input"), bound.pop("weight"), bound.pop("bias", None)
     conv = functools.partial(func, **bound)
-    out = _bilinear(conv, x, W)
+    cross = None
+    if bound.get("groups", 1) == 1:
+        cross = functools.partial(_conv_cross, conv)
+    out = _bilinear(conv, x, W, cross)
     if b is None:
         return out
     view = (-1,) + (1,) * (_p0(out).ndim - 2)
     b = _dispatch(torch.Tensor.reshape, (b, view), {}) if isinstance(b, Jet) else b.reshape(view)
     return _add(out, b)
+
+
+def _conv_cross(conv: Callable, a1: Tensor, b1: Tensor, m: int) -> Tensor:
+    """``sum_{k in group} conv(a1_k, b1_k)`` as one convolution with ``K // m`` groups of
+    ``m * C`` input channels: a group's sum over probes is a sum over stacked channels.
+    (``vmap`` runs ``K`` groups of ``C`` channels, slower on CPU: measured 35 ms against
+    21 ms for the same flops on the ResNet's first stage.)"""
+    K, N, C = a1.shape[:3]
+    G = K // m
+    O = b1.shape[1]
+    x = a1.reshape(G, m, N, C, *a1.shape[3:]).movedim(2, 0).reshape(N, G * m * C, *a1.shape[3:])
+    w = b1.reshape(G, m, O, C, *b1.shape[3:]).transpose(1, 2).reshape(G * O, m * C, *b1.shape[3:])
+    out = conv(x, w, groups=G)  # (N, G * O, *spatial)
+    return out.reshape(N, G, O, *out.shape[2:]).movedim(1, 0)
 
 
 def _embedding(func, args, kwargs):

@@ -19,6 +19,12 @@ batch and a block of ``K`` probes given as a list of tensors shaped ``(K, *param
     ``torch.autograd.grad`` pass returns the gradient whose tangent is ``H v``. No graph is
     kept, so one product costs one forward and one backward, each with its tangent. Probes
     are processed one at a time (forward and backward are re-run per probe).
+``"compiled"``
+    ``"forward-over-reverse"`` under ``torch.compile`` (:class:`CompiledHVP`): the vmapped
+    ``jvp(grad)`` of a chunk of probes is compiled once per input signature (chunk length,
+    shapes and dtypes of ``X`` and ``y``) and reused; parameters, buffers, data, weight and
+    probes are arguments of the compiled function, so changed values are never stale.
+    Compiling costs seconds (``"aot_eager"``) to minutes (``"inductor"`` on a big model).
 
 Forward over reverse of the *gradient* (``jvp(grad)``) is exact on layer_norm and
 batch_norm, unlike ``jvp(jacrev)`` (see DESIGN.md); every backend is tested against the
@@ -33,7 +39,10 @@ by a short timed trial without changing results.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+import time
+import types
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -42,10 +51,13 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 __all__ = [
     "BACKENDS",
+    "EAGER_BACKENDS",
     "FORWARD_MODE_BACKENDS",
+    "CompiledHVP",
     "batch_hvp",
     "batched_grad",
     "check_finite",
+    "check_compile_backend",
     "chunk_size_for",
     "differentiable_attention",
     "first_backward",
@@ -56,8 +68,11 @@ __all__ = [
     "second_backward",
 ]
 
-BACKENDS = ("double-backward", "batched", "forward-over-reverse", "forward-ad")
-FORWARD_MODE_BACKENDS = ("forward-over-reverse", "forward-ad")
+#: the backends that run without compilation
+EAGER_BACKENDS = ("double-backward", "batched", "forward-over-reverse", "forward-ad")
+BACKENDS = (*EAGER_BACKENDS, "compiled")
+#: the backends that keep no first-backward graph (and may fail where double backward works)
+FORWARD_MODE_BACKENDS = ("forward-over-reverse", "forward-ad", "compiled")
 
 
 @contextlib.contextmanager
@@ -267,15 +282,21 @@ def batch_hvp(
     chunk_size: int,
     out: list[Tensor] | None = None,
     accumulate: bool = True,
+    *,
+    compiled: CompiledHVP | None = None,
 ) -> list[Tensor]:
     """``H_b @ V`` for one batch; ``probes[i]`` has shape ``(K, *params[i].shape)``.
 
     Returns tensors of the same shapes. ``chunk_size`` bounds how many probes a batched
-    backend (``"batched"``, ``"forward-over-reverse"``) pushes through at once: their memory
-    grows with it. The others hold one probe at a time. With ``out`` (tensors shaped like
-    the result, e.g. views into one ``(K, D)`` buffer), the product is *added* into it
-    (``accumulate=True``) or written over it (``False``) and ``out`` returned: accumulating
-    over batches without stacking or concatenating copies.
+    backend (``"batched"``, ``"forward-over-reverse"``, ``"compiled"``) pushes through at
+    once: their memory grows with it. The others hold one probe at a time. With ``out``
+    (tensors shaped like the result, e.g. views into one ``(K, D)`` buffer), the product is
+    *added* into it (``accumulate=True``) or written over it (``False``) and ``out``
+    returned: accumulating over batches without stacking or concatenating copies.
+
+    ``compiled``: the :class:`CompiledHVP` of this model and loss that ``"compiled"`` uses
+    and keeps its compiled functions in (pass the same one to every call to compile once);
+    ``None`` builds a throwaway one, which compiles on every call.
     """
     if backend not in BACKENDS:
         raise ValueError(
@@ -285,6 +306,10 @@ def batch_hvp(
         raise ValueError("chunk_size must be at least 1")
     if backend == "forward-over-reverse":
         compute = _forward_over_reverse(model, loss_fn, X, y, weight, params, param_names)
+    elif backend == "compiled":
+        if compiled is None:
+            compiled = CompiledHVP(model, loss_fn, param_names)
+        compute = compiled.chunk_function(X, y, weight, params)
     elif backend == "forward-ad":
         compute, chunk_size = _forward_ad(model, loss_fn, X, y, weight, params, param_names), 1
     else:
@@ -316,25 +341,161 @@ def _detached_state(model: nn.Module, params: Sequence[Tensor], param_names: Seq
     return buffers, primals
 
 
-def _forward_over_reverse(model, loss_fn, X, y, weight, params, param_names):
-    """A function of a chunk of probes ``(c, *param.shape)`` returning their products."""
+def _jvp_grad_chunk(
+    model: nn.Module, loss_fn, param_names: Sequence[str], float_y: bool
+) -> Callable[..., tuple[Tensor, ...]]:
+    """``f(primals, state, X, y, weight, tangents)``: ``jvp(grad)`` vmapped over the probes.
+
+    ``primals`` are the differentiated parameters (detached, shapes ``param.shape``),
+    ``state`` the model's other named tensors (buffers, further parameters; may be empty),
+    ``weight`` the batch weight of the loss (a float or a 0-d tensor) and ``tangents`` one
+    ``(c, *param.shape)`` block of ``c`` probes per parameter; returns the ``c`` products in
+    the same shapes. ``float_y``: give ``y`` an explicit zero tangent (see the module
+    docstring). Only ``model``, ``loss_fn`` and the names are captured, so under
+    ``torch.compile`` every tensor is an input of the compiled graph.
+    """
     from torch.func import functional_call, grad, jvp, vmap
 
+    names = tuple(param_names)
+
+    def hvp_chunk(primals, state, X, y, weight, tangents):
+        def loss_of(ps, target):
+            out = functional_call(model, {**dict(zip(names, ps)), **state}, (X,))
+            return weight * loss_fn(out, target)
+
+        grad_fn = grad(loss_of)
+
+        def hvp_one(*probe):
+            if float_y:  # an explicit zero tangent for y, see the module docstring
+                return jvp(grad_fn, (primals, y), (probe, torch.zeros_like(y)))[1]
+            return jvp(lambda ps: grad_fn(ps, y), (primals,), (probe,))[1]
+
+        return vmap(hvp_one, randomness="same")(*tangents)
+
+    return hvp_chunk
+
+
+def _forward_over_reverse(model, loss_fn, X, y, weight, params, param_names):
+    """A function of a chunk of probes ``(c, *param.shape)`` returning their products."""
     buffers, primals = _detached_state(model, params, param_names)
     float_y = isinstance(y, Tensor) and y.is_floating_point()
+    hvp_chunk = _jvp_grad_chunk(model, loss_fn, param_names, float_y)
+    return lambda chunk: list(hvp_chunk(primals, buffers, X, y, weight, tuple(chunk)))
 
-    def loss_of(ps, target):
-        out = functional_call(model, {**dict(zip(param_names, ps)), **buffers}, (X,))
-        return weight * loss_fn(out, target)
 
-    grad_fn = grad(loss_of)
+# ---------------------------------------------------------------------- compiled product
+def check_compile_backend(compile_backend: str | Callable) -> None:
+    """Raise ``ValueError`` unless ``compile_backend`` is a callable or a backend name that
+    ``torch.compile`` knows (``torch.compiler.list_backends(exclude_tags=())``)."""
+    if callable(compile_backend):
+        return
+    known = torch.compiler.list_backends(exclude_tags=())
+    if compile_backend not in known:
+        raise ValueError(
+            f"unknown torch.compile backend {compile_backend!r}; choose one of {known} "
+            "(e.g. 'inductor', or 'aot_eager' to compile without code generation)"
+        )
 
-    def hvp_one(*tangents):
-        if float_y:  # an explicit zero tangent for y, see the module docstring
-            return jvp(grad_fn, (primals, y), (tuple(tangents), torch.zeros_like(y)))[1]
-        return jvp(lambda ps: grad_fn(ps, y), (primals,), (tuple(tangents),))[1]
 
-    return lambda chunk: list(vmap(hvp_one, randomness="same")(*chunk))
+def _signature(obj: Any) -> Hashable:
+    """Shapes, dtypes and devices of the tensors in ``obj`` (nested tuples, lists, dicts);
+    the type of anything else."""
+    if isinstance(obj, Tensor):
+        return ("tensor", tuple(obj.shape), obj.dtype, obj.device)
+    if isinstance(obj, (list, tuple)):
+        return (type(obj).__name__, *(_signature(o) for o in obj))
+    if isinstance(obj, dict):
+        return ("dict", *((k, _signature(v)) for k, v in obj.items()))
+    return type(obj).__qualname__
+
+
+def _own_code(fn: Callable, name: str) -> Callable:
+    """A copy of the function ``fn`` with a code object of its own.
+
+    torch.compile keeps compiled code, guards and recompilation counts per code object, so
+    every closure of one ``def`` shares them: after a few operators the recompilation limit
+    would be hit and later ones silently run eagerly. A copy compiles on its own.
+    """
+    code = fn.__code__.replace(co_name=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+
+
+class CompiledHVP:
+    """The ``"forward-over-reverse"`` product of one model and loss under ``torch.compile``.
+
+    One compiled function per signature ``(probes per chunk, X's and y's shapes, dtypes and
+    devices)``, built with ``torch.compile(fullgraph=False, dynamic=False,
+    backend=compile_backend)`` at its first use and reused by every later chunk of that
+    signature. Its arguments are the detached parameters, the model's other parameters and
+    (copied) buffers, ``X``, ``y``, the batch weight (a 0-d tensor) and the probes, so values
+    changed in place are read afresh by every call; what is captured (the model's structure
+    and modes, the loss module) is guarded by ``torch.compile`` and recompiles when it changes.
+
+    ``compile_seconds[signature]`` records the first call of each compiled function (tracing,
+    compilation and one product). An error while compiling or running propagates; nothing is
+    cached for a signature whose first call failed.
+
+    Args:
+        model, loss_fn: the network and the loss ``loss_fn(model(X), y)``.
+        param_names: names (in ``model.named_parameters()``) of the differentiated parameters.
+        compile_backend: the ``backend=`` of ``torch.compile``: a name (``"inductor"``,
+            ``"aot_eager"``, ...) or a callable.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Tensor], Tensor],
+        param_names: Sequence[str],
+        compile_backend: str | Callable = "inductor",
+    ) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.param_names = tuple(param_names)
+        self.compile_backend = compile_backend
+        self.functions: dict[Hashable, Callable[..., tuple[Tensor, ...]]] = {}
+        self.compile_seconds: dict[Hashable, float] = {}
+
+    def _compile(self, float_y: bool) -> Callable[..., tuple[Tensor, ...]]:
+        fn = _own_code(
+            _jvp_grad_chunk(self.model, self.loss_fn, self.param_names, float_y),
+            f"curvkit_compiled_hvp_{len(self.functions)}",
+        )
+        return torch.compile(fn, fullgraph=False, dynamic=False, backend=self.compile_backend)
+
+    def _state(self) -> dict[str, Tensor]:
+        """The model's named tensors other than the differentiated parameters, as inputs:
+        further parameters detached, buffers copied (train-mode BatchNorm updates its
+        running statistics in place)."""
+        chosen = set(self.param_names)
+        state = {n: p.detach() for n, p in self.model.named_parameters() if n not in chosen}
+        state.update({n: b.clone() for n, b in self.model.named_buffers()})
+        return state
+
+    def chunk_function(
+        self, X, y, weight: float, params: Sequence[Tensor]
+    ) -> Callable[[list[Tensor]], list[Tensor]]:
+        """A function of a chunk of probes ``(c, *param.shape)`` returning their products
+        ``(c, *param.shape)`` on the batch ``(X, y)`` weighted by ``weight``."""
+        primals = tuple(p.detach() for p in params)
+        state = self._state()
+        w = torch.tensor(weight, dtype=primals[0].dtype, device=primals[0].device)
+        float_y = isinstance(y, Tensor) and y.is_floating_point()
+        data_key = (_signature(X), _signature(y))
+
+        def compute(chunk: list[Tensor]) -> list[Tensor]:
+            key = (chunk[0].shape[0], *data_key)
+            fn = self.functions.get(key)
+            if fn is not None:
+                return list(fn(primals, state, X, y, w, tuple(chunk)))
+            fn = self._compile(float_y)
+            start = time.perf_counter()
+            res = list(fn(primals, state, X, y, w, tuple(chunk)))
+            self.compile_seconds[key] = time.perf_counter() - start
+            self.functions[key] = fn
+            return res
+
+        return compute
 
 
 def _forward_ad(model, loss_fn, X, y, weight, params, param_names):

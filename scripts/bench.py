@@ -8,6 +8,9 @@ operator with ``cache_graph=False``), for ``K`` probes in one ``H @ V`` (per pro
 ``K`` quadratic forms ``H.quadratic_form(V)``, curvkit's ``GGNOperator`` likewise, and the
 peers' ways: plain double backward, ``torch.func`` ``jvp(grad)``,
 curvlinops 3.0.1 ``HessianLinearOperator @ v`` and BackPACK ``hessian_vector_product``.
+With ``--compile-product``, also curvkit's compiled product (``backend="compiled"``,
+``torch.compile`` backend ``--compile-backend``) for one vector and for the largest ``K``;
+its compilation happens in the warm-up and is recorded as ``compile_s``, not timed.
 
 Timing: after warm-up, rounds run every method once in turn; each method's time is divided by
 the gradient time *of the same round* and the median over rounds is reported (paired ratios
@@ -25,6 +28,7 @@ Usage::
     python scripts/bench.py --device cuda --full --compile --out docs/benchmarks/h100.json
     python scripts/bench.py --quick --check              # exit 1 if the issue-4 targets miss
     python scripts/bench.py --quick --baseline docs/benchmarks/cpu-quick.json  # regression
+    python scripts/bench.py --quick --compile-product   # + compiled products (inductor)
 """
 
 from __future__ import annotations
@@ -183,8 +187,13 @@ def make_problem(name: str, batch: int, sizes: str, device: str, seed: int = 0):
 
 
 # ---------------------------------------------------------------------- methods
-def build_methods(model, loss_fn, X, y, ks, compile_grad: bool):
-    """name -> (callable returning a list of per-parameter products or grads, probes per call)."""
+def build_methods(model, loss_fn, X, y, ks, compile_grad: bool, compile_backend: str | None = None):
+    """name -> (callable returning a list of per-parameter products or grads, probes per call).
+
+    ``compile_backend``: also time curvkit's compiled product with that torch.compile
+    backend (``curvkit_compiled`` for one vector, ``curvkit_compiled_k{K}`` for the
+    largest ``K``); ``None``: not.
+    """
     import curvkit as ck
     from curvkit.autodiff import differentiable_attention
     from curvkit.estimators.trace import hutchinson_group_size
@@ -230,6 +239,19 @@ def build_methods(model, loss_fn, X, y, ks, compile_grad: bool):
             (lambda k=k, group=group: H.quadratic_form(V_flat[k], group)),
             k,
         )
+    H_compiled = None
+    if compile_backend is not None:
+        H_compiled = ck.HessianOperator(
+            model,
+            loss_fn,
+            (X, y),
+            check_deterministic=False,
+            backend="compiled",
+            compile_backend=compile_backend,
+        )
+        k_max = max(ks)
+        methods["curvkit_compiled"] = (lambda: H_compiled @ v_flat, 1)
+        methods[f"curvkit_compiled_k{k_max}"] = (lambda: H_compiled @ V_flat[k_max], k_max)
 
     def double_backward():
         gr = torch.autograd.grad(loss_fn(model(X), y), params, create_graph=True)
@@ -281,7 +303,15 @@ def build_methods(model, loss_fn, X, y, ks, compile_grad: bool):
             methods[f"ggn_k{k}"] = ((lambda k=k: G @ V_flat[k]), k)
     except (AttributeError, ImportError, TypeError):
         G = None
-    return methods, H, G, differentiable_attention, V_flat
+    return methods, H, G, differentiable_attention, V_flat, H_compiled
+
+
+def _double_backward_of(model, loss_fn, X, y, v_flat: torch.Tensor) -> list[torch.Tensor]:
+    """``H v`` by plain double backward (the reference every product is compared with)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    v = [t.reshape(p.shape) for t, p in zip(v_flat.split([p.numel() for p in params]), params)]
+    gr = torch.autograd.grad(loss_fn(model(X), y), params, create_graph=True)
+    return list(torch.autograd.grad(gr, params, v))
 
 
 def _flat(out) -> torch.Tensor:
@@ -378,8 +408,14 @@ def measure(spec: dict) -> dict:
     model, loss_fn, X, y, desc = make_problem(spec["model"], spec["batch"], spec["sizes"], device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        methods, H, G, differentiable_attention, V_flat = build_methods(
-            model, loss_fn, X, y, spec["ks"], spec["compile"]
+        methods, H, G, differentiable_attention, V_flat, H_compiled = build_methods(
+            model,
+            loss_fn,
+            X,
+            y,
+            spec["ks"],
+            spec["compile"],
+            spec.get("compile_backend") if spec.get("compile_product") else None,
         )
     out = {
         "model": spec["model"],
@@ -394,11 +430,19 @@ def measure(spec: dict) -> dict:
         # warm-up (compiles, curvkit's auto trial, allocator)
         for name, (fn, _) in list(methods.items()):
             try:
+                compiled_before = 0.0 if H_compiled is None else H_compiled.compile_seconds
                 t0 = time.perf_counter()
                 for _ in range(spec["warmup"]):
                     results[name] = fn()
                 _sync(device)
                 out["methods"].setdefault(name, {})["warmup_s"] = time.perf_counter() - t0
+                if name.startswith("curvkit_compiled"):
+                    m = out["methods"][name]
+                    # first calls of the compiled functions this method needed (tracing,
+                    # compilation, one product): in the warm-up, not in the timings
+                    m["compile_s"] = H_compiled.compile_seconds - compiled_before
+                    m["backend"] = H_compiled.backend  # double-backward after a fallback
+                    m["fallback_reason"] = H_compiled.backend_fallback_reason
             except Exception as err:  # a peer that cannot handle the model
                 out["methods"][name] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
                 del methods[name]
@@ -417,14 +461,27 @@ def measure(spec: dict) -> dict:
                     out["methods"][f"curvkit_qf_grouped_k{k}"]["rel_diff_vs_products"] = float(
                         (grouped.sum() - total).abs() / direct.abs().sum()
                     )
+        k_max = max(spec["ks"])
+        compiled_k, eager_k = (
+            results.get(f"curvkit_compiled_k{k_max}"),
+            results.get(f"curvkit_k{k_max}"),
+        )
+        if compiled_k is not None and eager_k is not None:  # the same K probes
+            out["methods"][f"curvkit_compiled_k{k_max}"]["rel_diff_vs_curvkit_k"] = float(
+                (compiled_k - eager_k).norm() / eager_k.norm()
+            )
         for name, res in results.items():
             if name.startswith("grad") or name not in methods or "_qf_" in name:
                 continue
             if name.startswith("ggn"):
                 continue
             got = _flat(res)
+            target = ref
+            k = methods[name][1]
+            if k > 1:  # column 0 of a K block: double backward on that block's first probe
+                target = _flat(_double_backward_of(model, loss_fn, X, y, V_flat[k][:, 0]))
             out["methods"][name]["rel_diff_vs_double_backward"] = float(
-                (got - ref).norm() / ref.norm()
+                (got - target).norm() / target.norm()
             )
         if G is not None and "ggn" in results:
             gg = _flat(results["ggn"])
@@ -529,6 +586,8 @@ def grid(args) -> list[dict]:
                     "device": args.device,
                     "sizes": args.sizes,
                     "compile": args.compile,
+                    "compile_product": args.compile_product,
+                    "compile_backend": args.compile_backend,
                     "warmup": args.warmup,
                     "repeats": args.repeats,
                     "min_repeats": args.min_repeats,
@@ -655,6 +714,9 @@ def markdown(report: dict) -> str:
     ks = report["config"]["ks"]
     rows = [r for r in report["rows"] if "methods" in r]
     has_c = any("grad_compiled" in r["methods"] for r in rows)
+    k_max = max(ks)
+    compiled_names = ["curvkit_compiled", f"curvkit_compiled_k{k_max}"]
+    has_cp = any(compiled_names[0] in r["methods"] for r in rows)
     has_ggn = any("ggn" in r["methods"] for r in rows)
     lines = [
         f"Device: {report['device']}; torch {report['torch']}; float32; "
@@ -666,6 +728,8 @@ def markdown(report: dict) -> str:
     if has_c:
         head.append("compiled grad")
     head += ["curvkit 1", "curvkit 1 cold", *[f"curvkit K={k}" for k in ks]]
+    if has_cp:
+        head += ["compiled 1", f"compiled K={k_max}", "compile s"]
     head += [f"vᵀHv K={k}" for k in ks]
     head += [f"trace K={k}" for k in ks]
     head += ["double bwd", "jvp(grad)"]
@@ -688,6 +752,10 @@ def markdown(report: dict) -> str:
         if has_c:
             cells.append(cell("grad_compiled"))
         cells += [cell("curvkit"), cell("curvkit_cold"), *[cell(f"curvkit_k{k}") for k in ks]]
+        if has_cp:
+            cells += [cell(n) for n in compiled_names]
+            secs = [M[n]["compile_s"] for n in compiled_names if "compile_s" in M.get(n, {})]
+            cells.append(_fmt(sum(secs), 1) if secs else "–")
         cells += [cell(f"curvkit_qf_k{k}") for k in ks]
         cells += [cell(f"curvkit_qf_grouped_k{k}") for k in ks]
         cells += [cell(p) for p in PEERS]
@@ -729,6 +797,16 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {n} | {_fmt(g[n])} | {_fmt(s['geomean_memory_ratio'].get(n))} | {_fmt(w.get(n))} |"
         )
+    if has_cp:
+        lines += [
+            "",
+            f"compiled 1 / K={k_max}: the compiled product (`HessianOperator(backend=compiled)`) "
+            f"(torch.compile backend `{report['config'].get('compile_backend')}`), timed "
+            "after the warm-up that compiled it; compile s: seconds its first calls took "
+            "(tracing, compilation, one product; `compile_s` in the JSON). A compiled "
+            "product that failed ran double backward instead (`backend` and "
+            "`fallback_reason` in the JSON).",
+        ]
     failed = [r for r in report["rows"] if "methods" not in r]
     if failed:
         lines += ["", "Not measured (worker failed, timed out or was stopped):"]
@@ -775,6 +853,17 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=60.0, help="timing budget per config")
     p.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     p.add_argument("--compile", action="store_true", help="also time a compiled gradient")
+    p.add_argument(
+        "--compile-product",
+        action="store_true",
+        help="also time curvkit's compiled product (backend='compiled') for one vector and\n"
+        "the largest K (compilation in the warm-up, recorded as compile_s)",
+    )
+    p.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend of --compile-product (default: inductor)",
+    )
     p.add_argument("--out", help="JSON file to write")
     p.add_argument("--md", help="markdown table to write")
     p.add_argument("--check", action="store_true", help="exit 1 if an issue-4 target misses")

@@ -9,7 +9,7 @@ import torch
 
 import curvkit as ck
 from curvkit import autodiff
-from curvkit.autodiff import BACKENDS, chunk_size_for, graph_bytes
+from curvkit.autodiff import BACKENDS, EAGER_BACKENDS, chunk_size_for, graph_bytes
 from curvkit.operators import hessian as hessian_module
 from tests.cases import dense_hessian, make_case, rel_err
 
@@ -35,7 +35,8 @@ def _quiet_operator(case, **kwargs):
         return ck.HessianOperator(case.model, case.loss_fn, case.data, **kwargs)
 
 
-@pytest.mark.parametrize("backend", [*BACKENDS, "auto"])
+# "compiled" compiles per case: tested on a subset in tests/test_compiled.py
+@pytest.mark.parametrize("backend", [*EAGER_BACKENDS, "auto"])
 def test_backend_matches_dense_oracle(case, backend):
     """H @ v and H @ V (K = 5, chunks of 2) agree with the dense Hessian to 1e-10."""
     H = _dense(case)
@@ -50,7 +51,7 @@ def test_backend_matches_dense_oracle(case, backend):
     assert op.backend in BACKENDS
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", EAGER_BACKENDS)
 def test_backend_restores_model_state(backend):
     case = make_case("bn-train", "mse-sum", [4, 3])
     before = [b.clone() for b in case.model.buffers()]
@@ -190,7 +191,7 @@ def test_backends_agree_in_float32():
     case.batches = [(X, y) for X, y in case.batches]
     V = _probes(sum(p.numel() for p in case.params), 3).float()
     outs = {}
-    for backend in BACKENDS:
+    for backend in EAGER_BACKENDS:
         op = ck.HessianOperator(case.model, case.loss_fn, case.data, backend=backend)
         outs[backend] = op @ V
     ref = outs["double-backward"]

@@ -13,7 +13,9 @@ from torch import Tensor, nn
 from curvkit.autodiff import (
     BACKENDS,
     FORWARD_MODE_BACKENDS,
+    CompiledHVP,
     batch_hvp,
+    check_compile_backend,
     check_finite,
     chunk_size_for,
     differentiable_attention,
@@ -65,6 +67,19 @@ class HessianOperator(CurvatureOperator):
     least 10% faster (:func:`choose_backend`). Results never depend on the choice beyond
     rounding. Pass a backend name to skip the trial.
 
+    Compiled product (``compile=True``): ``"auto"`` also tries ``"compiled"``, the
+    forward-over-reverse product under ``torch.compile`` (``backend=compile_backend``). Its
+    trial first compiles it on the trial's probes (an untimed warm-up that is also the
+    agreement check), then times it like the others; it is kept only if it takes less than
+    ``COMPILED_MARGIN`` (90%) of the fastest eager candidate's time. Compiling costs seconds
+    to minutes, once per probe-chunk length and batch shape (the compiled functions are
+    kept on the operator and reused); ``self.compile_seconds`` is the total spent. Any error
+    while compiling or running drops the candidate with its reason in
+    ``self.backend_trials``. ``backend="compiled"`` uses it without a trial; if it fails, the
+    operator warns and falls back to double backward (as for the other forward-mode
+    backends), recording ``self.backend_fallback_reason``. Without ``compile=True`` nothing
+    is compiled.
+
     Graph reuse (``cache_graph=True``, the default): over one in-memory ``(X, y)`` batch,
     the forward pass and first backward (the gradient with its graph) are kept after a
     product and reused by the next, so repeated products (Lanczos, CG, estimators calling
@@ -83,9 +98,10 @@ class HessianOperator(CurvatureOperator):
         model, loss_fn, data, params, reduction, check_deterministic: see
             :class:`curvkit.operators.base.CurvatureOperator`.
         backend: ``"auto"`` or one of ``"double-backward"``, ``"batched"``,
-            ``"forward-over-reverse"``, ``"forward-ad"`` (see :mod:`curvkit.autodiff`).
+            ``"forward-over-reverse"``, ``"forward-ad"``, ``"compiled"`` (see
+            :mod:`curvkit.autodiff`).
         max_probes_per_chunk: most probes a batched backend (``"batched"``,
-            ``"forward-over-reverse"``) pushes through at once.
+            ``"forward-over-reverse"``, ``"compiled"``) pushes through at once.
         memory_budget: optional cap in bytes on what one chunk of batched probes may hold;
             the chunk size is ``memory_budget // graph_bytes`` (at least 1, at most
             ``max_probes_per_chunk``), with ``graph_bytes`` the bytes autograd saves for one
@@ -101,6 +117,11 @@ class HessianOperator(CurvatureOperator):
             (``quadratic_form_choice``, trial seconds or the reason Taylor mode was dropped in
             ``quadratic_form_trial``). A model with an operation Taylor mode has no rule for
             uses ``"hvp"``.
+        compile: let ``"auto"`` try the compiled product (see above); off by default, since
+            compiling takes seconds to minutes.
+        compile_backend: ``torch.compile``'s ``backend=`` for ``"compiled"``: a registered
+            name (``"inductor"``, the default; ``"aot_eager"`` compiles without code
+            generation) or a callable.
     """
 
     def __init__(
@@ -117,6 +138,8 @@ class HessianOperator(CurvatureOperator):
         check_deterministic: bool = True,
         cache_graph: bool = True,
         quadratic_form_method: str = "auto",
+        compile: bool = False,
+        compile_backend: str | Callable = "inductor",
     ) -> None:
         if quadratic_form_method not in QUADRATIC_FORM_METHODS:
             raise ValueError(
@@ -125,6 +148,8 @@ class HessianOperator(CurvatureOperator):
             )
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {BACKENDS}")
+        if compile or backend == "compiled":
+            check_compile_backend(compile_backend)
         if max_probes_per_chunk < 1:
             raise ValueError("max_probes_per_chunk must be at least 1")
         if memory_budget is not None and memory_budget <= 0:
@@ -153,7 +178,22 @@ class HessianOperator(CurvatureOperator):
         )
         self.quadratic_form_trial: dict[str, float | str] = {}
         self._activation_bytes: tuple[int, int] | None = None
+        self.compile = bool(compile)
+        self.compile_backend = compile_backend
+        #: the compiled functions of ``"compiled"`` (built at its first use)
+        self.compiled_product: CompiledHVP | None = None
+        # probes of the current product already written by the compiled backend (a
+        # fallback after a failing chunk computes only the rest)
+        self._compiled_done = 0
         self._keep_graphs(cache_graph)
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling the ``"compiled"`` product so far (each compiled
+        function's first call: tracing, compilation and one product); 0 if never used."""
+        if self.compiled_product is None:
+            return 0.0
+        return float(sum(self.compiled_product.compile_seconds.values()))
 
     def _build_graph(self, X, y, weight: float) -> list:
         return first_backward(self.model, self.loss_fn, X, y, weight, self.params)
@@ -173,10 +213,12 @@ class HessianOperator(CurvatureOperator):
     def _candidates(self, kind: str) -> list[str]:
         if kind == "single":
             # "batched" is "double-backward" for one probe
-            return ["double-backward", "forward-ad", "forward-over-reverse"]
-        # "forward-ad" re-runs forward and backward per probe: never faster than the loop
-        # over one reused graph for several probes
-        return ["double-backward", "batched", "forward-over-reverse"]
+            names = ["double-backward", "forward-ad", "forward-over-reverse"]
+        else:
+            # "forward-ad" re-runs forward and backward per probe: never faster than the
+            # loop over one reused graph for several probes
+            names = ["double-backward", "batched", "forward-over-reverse"]
+        return [*names, "compiled"] if self.compile else names
 
     def _trial(
         self,
@@ -195,7 +237,9 @@ class HessianOperator(CurvatureOperator):
         Then every candidate (double backward again) runs once, timed, on at most
         ``TRIAL_PROBES`` probes (a block trial on a few probes predicts the per-probe cost).
         The backends that run through a kept graph are charged the graph's build time once
-        per product (``K`` probes), unless the graph is kept between products.
+        per product (``K`` probes), unless the graph is kept between products. The compiled
+        candidate is first compiled by an untimed run on the trial probes, which is also its
+        agreement check; any exception from it drops it.
         """
         K = probes[0].shape[0]
         chunk = min(K, self.chunk_size, TRIAL_PROBES)
@@ -216,6 +260,18 @@ class HessianOperator(CurvatureOperator):
             self._run("double-backward", X, y, weight, probes, out, batch, accumulate)
             return
         alive = list(self._candidates(kind))
+        if "compiled" in alive:  # compile (untimed warm-up) and check agreement once
+            try:
+                res = self._run("compiled", X, y, weight, trial_probes, batch=batch)
+                self._sync()
+            except Exception as err:  # whatever compilation raises: drop, never fail
+                timings["compiled"] = _reason(err)
+                alive.remove("compiled")
+            else:
+                err = _rel_diff(res, reference)
+                if not err <= tol:
+                    timings["compiled"] = f"disagrees with double-backward (rel. diff. {err:.1e})"
+                    alive.remove("compiled")
         for _ in range(TRIAL_ROUNDS):  # interleaved rounds, best time per candidate
             for name in list(alive):
                 try:
@@ -224,10 +280,12 @@ class HessianOperator(CurvatureOperator):
                     res = self._run(name, X, y, weight, trial_probes, batch=batch)
                     self._sync()
                     elapsed = time.perf_counter() - start
-                except RuntimeError as err:
-                    if name == "double-backward":
+                except Exception as err:
+                    if name == "double-backward" or not (
+                        name == "compiled" or isinstance(err, RuntimeError)
+                    ):
                         raise
-                    timings[name] = f"{type(err).__name__}: {str(err)[:200]}"
+                    timings[name] = _reason(err)
                     alive.remove(name)
                     continue
                 err = _rel_diff(res, reference)
@@ -245,7 +303,7 @@ class HessianOperator(CurvatureOperator):
         if chunk == K and choice == "double-backward":
             write_into(reference, out, accumulate)
             return
-        self._run(choice, X, y, weight, probes, out, batch, accumulate)
+        self._run_or_fall_back(choice, X, y, weight, probes, out, batch, accumulate)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -262,6 +320,8 @@ class HessianOperator(CurvatureOperator):
         batch: int = 0,
         accumulate: bool = False,
     ) -> list[Tensor]:
+        if name == "compiled":
+            return self._run_compiled(X, y, weight, probes, out, accumulate)
         if name in FORWARD_MODE_BACKENDS:
             return batch_hvp(
                 self.model,
@@ -279,6 +339,94 @@ class HessianOperator(CurvatureOperator):
             )
         graph = self._batch_graph(X, y, weight, batch)
         return graph_hvp(graph, self.params, probes, name, self.chunk_size, out, accumulate)
+
+    def _run_compiled(
+        self,
+        X,
+        y,
+        weight: float,
+        probes: list[Tensor],
+        out: list[Tensor] | None,
+        accumulate: bool,
+    ) -> list[Tensor]:
+        """The compiled product, chunk by chunk through :func:`batch_hvp`, counting in
+        ``self._compiled_done`` the probes whose products are already written to ``out``."""
+        if self.compiled_product is None:
+            self.compiled_product = CompiledHVP(
+                self.model, self.loss_fn, self.param_names, self.compile_backend
+            )
+        self._compiled_done = 0
+        K, step = probes[0].shape[0], self.chunk_size
+        pieces = []
+        for s in range(0, K, step):
+            res = batch_hvp(
+                self.model,
+                self.loss_fn,
+                X,
+                y,
+                weight,
+                self.params,
+                self.param_names,
+                [v[s : s + step] for v in probes],
+                "compiled",
+                step,
+                None if out is None else [o[s : s + step] for o in out],
+                accumulate,
+                compiled=self.compiled_product,
+            )
+            self._compiled_done = min(K, s + step)
+            if out is None:
+                pieces.append(res)
+        if out is not None:
+            return out
+        return pieces[0] if len(pieces) == 1 else [torch.cat(c) for c in zip(*pieces)]
+
+    def _run_or_fall_back(
+        self,
+        name: str,
+        X,
+        y,
+        weight: float,
+        probes: list[Tensor],
+        out: list[Tensor],
+        batch: int,
+        accumulate: bool,
+    ) -> None:
+        """``_run``; a forward-mode backend that fails is replaced by double backward for
+        this and every later product, with a warning (the compiled one on any exception)."""
+        self._compiled_done = 0
+        try:
+            self._run(name, X, y, weight, probes, out, batch, accumulate)
+        except Exception as err:
+            if name not in FORWARD_MODE_BACKENDS or not (
+                name == "compiled" or isinstance(err, RuntimeError)
+            ):
+                raise
+            # torch.func transforms and forward-mode AD reject some models (in-place
+            # buffer updates of train-mode BatchNorm under vmap, ops without forward-mode
+            # rules), compilation may fail; double backward computes the same product.
+            self.backend_fallback_reason = f"{type(err).__name__}: {err}"
+            warnings.warn(
+                f"{name} failed on this model; using double-backward instead ({str(err)[:200]})",
+                RuntimeWarning,
+                stacklevel=6,
+            )
+            self.backend_choices = {
+                k: ("double-backward" if v == name else v) for k, v in self.backend_choices.items()
+            }
+            self.backend = "double-backward"
+            # the compiled backend may have written its first chunks: only the rest remain
+            done = self._compiled_done if name == "compiled" else 0
+            self._run(
+                "double-backward",
+                X,
+                y,
+                weight,
+                [v[done:] for v in probes],
+                [o[done:] for o in out],
+                batch,
+                accumulate,
+            )
 
     def _probe_chunk(self) -> int:
         return self.chunk_size
@@ -301,27 +449,7 @@ class HessianOperator(CurvatureOperator):
                 return
             name = self.backend_choices[kind]
             self.backend = name
-            try:
-                self._run(name, X, y, weight, probes, out, batch, accumulate)
-            except RuntimeError as err:
-                if name not in FORWARD_MODE_BACKENDS:
-                    raise
-                # torch.func transforms and forward-mode AD reject some models (in-place
-                # buffer updates of train-mode BatchNorm under vmap, ops without forward-mode
-                # rules); double backward computes the same product.
-                self.backend_fallback_reason = f"{type(err).__name__}: {err}"
-                warnings.warn(
-                    f"{name} failed on this model; using double-backward "
-                    f"instead ({str(err)[:200]})",
-                    RuntimeWarning,
-                    stacklevel=5,
-                )
-                self.backend_choices = {
-                    k: ("double-backward" if v == name else v)
-                    for k, v in self.backend_choices.items()
-                }
-                self.backend = "double-backward"
-                self._run("double-backward", X, y, weight, probes, out, batch, accumulate)
+            self._run_or_fall_back(name, X, y, weight, probes, out, batch, accumulate)
 
     # ------------------------------------------------------------------ quadratic forms
     @property
@@ -461,14 +589,31 @@ class HessianOperator(CurvatureOperator):
 #: a backend whose memory grows with the probe chunk must beat the one-graph loop by this
 #: factor to be chosen: a tie in time is not worth chunk-size times the memory
 VECTORISED_MARGIN = 0.9
+#: the compiled product must beat the fastest eager candidate by this factor to be chosen:
+#: compiled code is kept only where it measurably helps
+COMPILED_MARGIN = 0.9
 
 
 def choose_backend(timings: dict[str, float | str]) -> str:
     """The fastest timed candidate (strings are reasons a candidate was dropped), except
     that ``"double-backward"`` (one graph, one probe at a time) wins over the vectorised
     backends (``"batched"``, ``"forward-over-reverse"``: memory grows with the chunk)
-    unless they take less than ``VECTORISED_MARGIN`` of its time."""
+    unless they take less than ``VECTORISED_MARGIN`` of its time, and ``"compiled"`` is
+    chosen only if it takes less than ``COMPILED_MARGIN`` of the fastest eager candidate's
+    time."""
     timed = {n: t for n, t in timings.items() if isinstance(t, float)}
+    compiled = timed.pop("compiled", None)
+    if not timed:
+        if compiled is None:
+            raise ValueError("no candidate backend was timed")
+        return "compiled"
+    if compiled is not None and compiled < COMPILED_MARGIN * min(timed.values()):
+        return "compiled"
+    return _choose_eager(timed)
+
+
+def _choose_eager(timed: dict[str, float]) -> str:
+    """The fastest of the eager ``timed`` candidates, with ``VECTORISED_MARGIN``."""
     choice = min(timed, key=timed.get)
     if (
         choice in ("batched", "forward-over-reverse")
@@ -477,6 +622,11 @@ def choose_backend(timings: dict[str, float | str]) -> str:
     ):
         return "double-backward"
     return choice
+
+
+def _reason(err: BaseException) -> str:
+    """Why a candidate was dropped: the exception's type and the start of its message."""
+    return f"{type(err).__name__}: {str(err)[:200]}"
 
 
 def _rel_diff(a: list[Tensor], b: list[Tensor]) -> float:

@@ -575,9 +575,12 @@ def grid(args) -> list[dict]:
     else:
         models, batches = args.models.split(","), [int(b) for b in args.batch_sizes.split(",")]
         ks = [int(k) for k in args.ks.split(",")]
+    skip = {tuple(item.split(":")) for item in (args.skip or "").split(",") if item}
     specs = []
     for m in models:
         for b in batches:
+            if (m, str(b)) in skip:
+                continue
             specs.append(
                 {
                     "model": m,
@@ -808,6 +811,8 @@ def markdown(report: dict) -> str:
             "`fallback_reason` in the JSON).",
         ]
     failed = [r for r in report["rows"] if "methods" not in r]
+    if report["config"].get("skipped"):
+        lines += ["", f"Left out by `--skip`: {report['config']['skipped']}."]
     if failed:
         lines += ["", "Not measured (worker failed, timed out or was stopped):"]
         for r in failed:
@@ -870,6 +875,11 @@ def main(argv=None) -> int:
     p.add_argument("--baseline", help="JSON of an earlier run; exit 1 on regressions")
     p.add_argument("--margin", type=float, default=0.10)
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per config")
+    p.add_argument(
+        "--skip",
+        metavar="MODEL:BATCH,...",
+        help="leave these rows out (e.g. resnet18:128, which takes >15 min on 2 CPU cores)",
+    )
     p.add_argument("--render", metavar="JSON", help="only rewrite --md from an earlier JSON")
     args = p.parse_args(argv)
     if args.worker:
@@ -908,7 +918,10 @@ def main(argv=None) -> int:
         "device": device_name(args.device),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "config": {**{k: v for k, v in specs[0].items() if k not in ("model", "batch")}},
+        "config": {
+            **{k: v for k, v in specs[0].items() if k not in ("model", "batch")},
+            "skipped": args.skip,
+        },
         "command": " ".join(["python", "scripts/bench.py", *(argv or sys.argv[1:])]),
         "load_average_after": load,
         "wall_s": time.perf_counter() - t_all,

@@ -187,6 +187,24 @@ def _dispatch(func, args, kwargs):
 
 
 # ---------------------------------------------------------------------- helpers
+#: ``False`` while a Gauss-Newton pass propagates the model linearised: the rules then
+#: drop every second-order term made from first-order ones, so ``x2`` stays zero
+_SECOND_ORDER = [True]
+
+
+def _second_order() -> bool:
+    return _SECOND_ORDER[0]
+
+
+@contextlib.contextmanager
+def _linearised() -> Iterator[None]:
+    _SECOND_ORDER[0] = False
+    try:
+        yield
+    finally:
+        _SECOND_ORDER[0] = True
+
+
 def _jets(*xs) -> list[Jet]:
     return [x for x in xs if isinstance(x, Jet)]
 
@@ -346,7 +364,7 @@ def _mul(a, b):
     a1, a2, b1, b2 = f(a.x1), f(a.x2), f(b.x1), f(b.x2)
     y1 = _plus(None if a1 is None else a1 * b.x0, None if b1 is None else a.x0 * b1)
     y2 = _plus(None if a2 is None else a2 * b.x0, None if b2 is None else a.x0 * b2)
-    if a1 is not None and b1 is not None:
+    if a1 is not None and b1 is not None and _second_order():
         y2 = _plus(y2, 2 * _group_sum(a1 * b1, m))
     return _make(y0, None if y1 is None else _full(y1, S), y2, K, m)
 
@@ -391,7 +409,7 @@ def _bilinear(B: Callable, a, b, cross: Callable | None = None) -> Jet:
     # the terms are fresh tensors of one shape, so they are summed in place
     y1 = _accumulate(left(a1), right(b1))
     y2 = _accumulate(left(a2), right(b2))
-    if a1 is not None and b1 is not None:
+    if a1 is not None and b1 is not None and _second_order():
         y2 = _accumulate(y2, (cross or functools.partial(_cross, B))(a1, b1, m), 2.0)
     return _make(y0, y1, y2, K, m)
 
@@ -435,7 +453,7 @@ def _cross(B, a1: Tensor, b1: Tensor, m: int) -> Tensor:
 def _unary_apply(x: Jet, y0: Tensor, d1: Tensor, d2: Tensor | None) -> Jet:
     y1 = None if x.x1 is None else d1 * x.x1
     y2 = None if x.x2 is None else d1 * x.x2
-    if x.x1 is not None and d2 is not None:
+    if x.x1 is not None and d2 is not None and _second_order():
         y2 = _plus(y2, d2 * _group_sum(x.x1 * x.x1, x.m))
     return _make(y0, y1, y2, x.K, x.m)
 
@@ -627,8 +645,9 @@ def _log_softmax_jet(x: Jet, dim: int) -> Jet:
     if x.x1 is not None:
         s1 = (p * x.x1).sum(d, keepdim=True)
         y1 = x.x1 - s1
-        var = (p * x.x1 * x.x1).sum(d, keepdim=True) - s1 * s1
-        y2 = -_group_sum(var, x.m)
+        if _second_order():
+            var = (p * x.x1 * x.x1).sum(d, keepdim=True) - s1 * s1
+            y2 = -_group_sum(var, x.m)
     if x.x2 is not None:
         y2 = _plus(y2, x.x2 - (p * x.x2).sum(d, keepdim=True))
     elif y2 is not None:
@@ -1016,6 +1035,7 @@ def taylor_quadratic_forms(
     param_names: Sequence[str],
     probes: Sequence[Tensor],
     group_size: int = 1,
+    gauss_newton: bool = False,
 ) -> Tensor:
     """``v_k^T H_b v_k`` for the loss ``weight * loss_fn(model(X), y)`` of one batch.
 
@@ -1023,6 +1043,10 @@ def taylor_quadratic_forms(
         probes: per parameter, ``(K, *param.shape)``; the ``K`` probes ``v_k``.
         group_size: probes whose forms are summed (collapsed) before they are returned;
             must divide ``K``.
+        gauss_newton: ``v_k^T G_b v_k`` of the generalised Gauss-Newton matrix instead:
+            the model is propagated to first order only (``x2 = 0``: the model
+            linearised), the loss to second order, so the result is
+            ``(J v)^T (d^2 loss / d out^2) (J v)``.
 
     Returns:
         ``(K // group_size,)``: the sum of the forms of each group of consecutive probes.
@@ -1035,7 +1059,11 @@ def taylor_quadratic_forms(
         raise ValueError(f"group_size must divide the number of probes {K}, got {group_size}")
     jets = [Jet(p.detach(), v, None, K, group_size) for p, v in zip(params, probes)]
     with torch.no_grad(), _jet_parameters(model, param_names, jets):
-        out = model(X)
+        if gauss_newton:
+            with _linearised():
+                out = model(X)
+        else:
+            out = model(X)
         loss = loss_fn(out, y)
     if not isinstance(loss, Jet):
         raise TaylorUnsupportedError(

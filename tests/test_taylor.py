@@ -287,3 +287,31 @@ def test_hutchinson_collapses_groups_on_a_hessian():
     assert "group_size" not in ck.trace(tight, method="hutchinson", num_matvecs=32).info
     dense = ck.DenseOperator(H)  # not collapsing: one group per probe by default
     assert "group_size" not in ck.trace(dense, method="hutchinson", num_matvecs=32).info
+
+
+# ---------------------------------------------------------------------- Gauss-Newton
+def test_ggn_forms_by_the_linearised_model(case):
+    from tests.test_ggn import dense_ggn
+
+    G = dense_ggn(case)
+    V = _probes(G.shape[0], 4, seed=7)
+    expected = _oracle_forms(G, V)
+    op = ck.GGNOperator(case.model, case.loss_fn, case.data, quadratic_form_method="taylor")
+    assert rel_err(op.quadratic_form(V), expected) < TOL
+    assert rel_err(op.quadratic_form(V, group_size=2), expected.view(2, 2).sum(1)) < TOL
+    auto = ck.GGNOperator(case.model, case.loss_fn, case.data)
+    assert rel_err(auto.quadratic_form(V), expected) < TOL
+    assert auto.quadratic_form_choice in ("taylor", "hvp")
+    assert all(isinstance(t, float) for t in auto.quadratic_form_trial.values())
+
+
+def test_ggn_trace_by_hutchinson_collapses():
+    case = make_case("mlp-relu", "ce-mean", [3, 5, 2])
+    op = ck.GGNOperator(case.model, case.loss_fn, case.data, quadratic_form_method="taylor")
+    assert op.collapses_quadratic_forms
+    est = ck.trace(
+        op, method="hutchinson", num_matvecs=16, generator=torch.Generator().manual_seed(0)
+    )
+    exact = op.trace().value
+    assert est.info.get("group_size", 1) >= 1
+    assert abs(float(est.value - exact)) < 5 * float(est.stderr) + 1e-12

@@ -50,6 +50,7 @@ from curvkit.autodiff import (
 from curvkit.estimators.estimate import Estimate, exact_estimate
 from curvkit.linop import flatten_tensors
 from curvkit.operators.base import CurvatureOperator, preserved_state
+from curvkit.operators.quadratic_forms import TaylorQuadraticForms, check_quadratic_form_method
 
 __all__ = [
     "GGN_BACKENDS",
@@ -163,7 +164,7 @@ class _GGNGraph:
     vjp_edges: list | None = None  # J^T u (gradient edges), differentiated w.r.t. u
 
 
-class GGNOperator(CurvatureOperator):
+class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
     """``G = sum_b J_b^T Lambda_b J_b``, the generalised Gauss-Newton matrix over all of ``data``.
 
     Same data semantics as :class:`curvkit.HessianOperator`: the GGN of the loss of the
@@ -192,7 +193,14 @@ class GGNOperator(CurvatureOperator):
         cache_graph: keep the forward graph, ``d loss / d out`` and (``"double-vjp"``) the
             ``J^T u`` graph of a one-batch operator between products, as
             :class:`curvkit.HessianOperator` does with its gradient graph (same rules).
+        quadratic_form_method: how :meth:`quadratic_form` computes ``v^T G v``:
+            ``"taylor"`` propagates ``theta + t v`` through the model to first order (one
+            Jacobian-vector product, no backward pass) and through the loss to second order,
+            which gives ``(J v)^T Lambda (J v)``; ``"hvp"`` takes ``v^T (G v)``; ``"auto"``
+            (default) keeps the faster after a checked trial, as ``HessianOperator`` does.
     """
+
+    _taylor_gauss_newton = True
 
     def __init__(
         self,
@@ -207,7 +215,9 @@ class GGNOperator(CurvatureOperator):
         reduction: str | None = None,
         check_deterministic: bool = True,
         cache_graph: bool = True,
+        quadratic_form_method: str = "auto",
     ) -> None:
+        check_quadratic_form_method(quadratic_form_method)
         if backend not in GGN_BACKENDS:
             raise ValueError(f"unknown GGN backend {backend!r}; choose one of {GGN_BACKENDS}")
         if max_probes_per_chunk is not None and max_probes_per_chunk < 1:
@@ -229,6 +239,7 @@ class GGNOperator(CurvatureOperator):
         self.max_probes_per_chunk = max_probes_per_chunk
         self.memory_budget = int(memory_budget)
         self.backend_fallback_reason: str | None = None
+        self._init_quadratic_forms(quadratic_form_method)
         self._keep_graphs(cache_graph)
 
     # ------------------------------------------------------------------ products

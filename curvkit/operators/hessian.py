@@ -16,7 +16,6 @@ from curvkit.autodiff import (
     CompiledHVP,
     batch_hvp,
     check_compile_backend,
-    check_finite,
     chunk_size_for,
     differentiable_attention,
     first_backward,
@@ -25,7 +24,11 @@ from curvkit.autodiff import (
     write_into,
 )
 from curvkit.operators.base import CurvatureOperator, preserved_state
-from curvkit.taylor import TaylorUnsupportedError, forward_activation_bytes, taylor_quadratic_forms
+from curvkit.operators.quadratic_forms import (
+    TaylorQuadraticForms,
+    check_quadratic_form_method,
+    relative_difference,
+)
 
 __all__ = ["HessianOperator"]
 
@@ -33,17 +36,9 @@ __all__ = ["HessianOperator"]
 TRIAL_PROBES = 8
 #: interleaved timing rounds of the trial (the best time of each candidate counts)
 TRIAL_ROUNDS = 2
-#: quadratic-form methods: second-order forward propagation, or v^T (H v)
-QUADRATIC_FORM_METHODS = ("auto", "taylor", "hvp")
-#: Taylor mode's peak memory per probe of a chunk, in multiples of the largest tensor a
-#: forward pass saves (measured on the benchmark ResNet and transformer: 9-21)
-TAYLOR_LIVE_TENSORS = 12
-#: default Taylor-mode memory budget, in multiples of the bytes a forward pass saves (a
-#: gradient's peak is about twice those)
-TAYLOR_BUDGET_FACTOR = 4
 
 
-class HessianOperator(CurvatureOperator):
+class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
     """``H = d^2 L / d theta^2`` of the loss ``L`` over all of ``data``.
 
     Over several batches the operator equals the Hessian of the concatenated batch, for
@@ -141,11 +136,7 @@ class HessianOperator(CurvatureOperator):
         compile: bool = False,
         compile_backend: str | Callable = "inductor",
     ) -> None:
-        if quadratic_form_method not in QUADRATIC_FORM_METHODS:
-            raise ValueError(
-                f"unknown quadratic_form_method {quadratic_form_method!r}; choose one of "
-                f"{QUADRATIC_FORM_METHODS}"
-            )
+        check_quadratic_form_method(quadratic_form_method)
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {BACKENDS}")
         if compile or backend == "compiled":
@@ -172,12 +163,7 @@ class HessianOperator(CurvatureOperator):
         self.memory_budget = memory_budget
         self._graph_bytes: int | None = None
         self.backend_fallback_reason: str | None = None
-        self.quadratic_form_method = quadratic_form_method
-        self.quadratic_form_choice: str | None = (
-            None if quadratic_form_method == "auto" else quadratic_form_method
-        )
-        self.quadratic_form_trial: dict[str, float | str] = {}
-        self._activation_bytes: tuple[int, int] | None = None
+        self._init_quadratic_forms(quadratic_form_method)
         self.compile = bool(compile)
         self.compile_backend = compile_backend
         #: the compiled functions of ``"compiled"`` (built at its first use)
@@ -246,10 +232,10 @@ class HessianOperator(CurvatureOperator):
         trial_probes = [v[:chunk] for v in probes]
         tol = torch.finfo(self.dtype).eps ** 0.5
         timings: dict[str, float | str] = {}
-        self._sync()
+        self._sync_device()
         start = time.perf_counter()
         self._batch_graph(X, y, weight, batch)  # built here (or reused) so it can be timed
-        self._sync()
+        self._sync_device()
         build_s = time.perf_counter() - start
         reference = self._run("double-backward", X, y, weight, trial_probes, batch=batch)
         graph_charge = 0.0 if self.cache_graph else build_s * chunk / K
@@ -263,22 +249,22 @@ class HessianOperator(CurvatureOperator):
         if "compiled" in alive:  # compile (untimed warm-up) and check agreement once
             try:
                 res = self._run("compiled", X, y, weight, trial_probes, batch=batch)
-                self._sync()
+                self._sync_device()
             except Exception as err:  # whatever compilation raises: drop, never fail
                 timings["compiled"] = _reason(err)
                 alive.remove("compiled")
             else:
-                err = _rel_diff(res, reference)
+                err = relative_difference(res, reference)
                 if not err <= tol:
                     timings["compiled"] = f"disagrees with double-backward (rel. diff. {err:.1e})"
                     alive.remove("compiled")
         for _ in range(TRIAL_ROUNDS):  # interleaved rounds, best time per candidate
             for name in list(alive):
                 try:
-                    self._sync()
+                    self._sync_device()
                     start = time.perf_counter()
                     res = self._run(name, X, y, weight, trial_probes, batch=batch)
-                    self._sync()
+                    self._sync_device()
                     elapsed = time.perf_counter() - start
                 except Exception as err:
                     if name == "double-backward" or not (
@@ -288,7 +274,7 @@ class HessianOperator(CurvatureOperator):
                     timings[name] = _reason(err)
                     alive.remove(name)
                     continue
-                err = _rel_diff(res, reference)
+                err = relative_difference(res, reference)
                 if not err <= tol:
                     timings[name] = f"disagrees with double-backward (rel. diff. {err:.1e})"
                     alive.remove(name)
@@ -304,10 +290,6 @@ class HessianOperator(CurvatureOperator):
             write_into(reference, out, accumulate)
             return
         self._run_or_fall_back(choice, X, y, weight, probes, out, batch, accumulate)
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def _run(
         self,
@@ -451,122 +433,11 @@ class HessianOperator(CurvatureOperator):
             self.backend = name
             self._run_or_fall_back(name, X, y, weight, probes, out, batch, accumulate)
 
-    # ------------------------------------------------------------------ quadratic forms
-    @property
-    def collapses_quadratic_forms(self) -> bool:
-        """Whether ``quadratic_form(V, group_size)`` may run in Taylor mode, where summing
-        the forms of a group of probes costs less than computing them one by one."""
-        return self.quadratic_form_choice in (None, "taylor")
+    def _taylor_max_probes(self) -> int:
+        return self.max_probes_per_chunk
 
-    @property
-    def max_collapsed_group(self) -> int:
-        """Largest probe group that one Taylor-mode pass holds within the memory budget
-        (estimators choose their default ``group_size`` up to it)."""
-        return self.taylor_chunk_size
-
-    @property
-    def taylor_chunk_size(self) -> int:
-        """Probes per Taylor-mode pass: at most ``max_probes_per_chunk``, and what fits in
-        ``memory_budget`` or, without one, in ``TAYLOR_BUDGET_FACTOR`` times the activations
-        a forward pass saves (about twice a gradient's peak memory). A group of collapsed
-        probes is propagated in one pass, so a larger group overrides this."""
-        if self._activation_bytes is None:
-            X, y = self._prepare(*self.batches.first())
-            with preserved_state(self.model, self.device), differentiable_attention():
-                self._activation_bytes = forward_activation_bytes(self.model, self.loss_fn, X, y)
-        total, largest = self._activation_bytes
-        budget = self.memory_budget
-        if budget is None:
-            budget = TAYLOR_BUDGET_FACTOR * total
-        return chunk_size_for(TAYLOR_LIVE_TENSORS * largest, budget, self.max_probes_per_chunk)
-
-    def _taylor_forms(self, V: Tensor, group_size: int) -> Tensor:
-        """Group sums of ``v_k^T H v_k`` by Taylor mode, ``(K // group_size,)``."""
-        D, K = V.shape
-        step = max(1, self.taylor_chunk_size // group_size) * group_size
-        step = min(step, K)
-        source = V.T
-        stage = None
-        if not source.is_contiguous():
-            stage = torch.empty(step, D, dtype=self.dtype, device=self.device)
-        sums = torch.zeros(K // group_size, dtype=self.dtype, device=self.device)
-        with preserved_state(self.model, self.device):
-            for X, y, weight in self._iter_batches():
-                for s in range(0, K, step):
-                    e = min(K, s + step)
-                    if stage is None:
-                        rows = source[s:e]
-                    else:
-                        rows = stage[: e - s]
-                        rows.copy_(source[s:e])
-                    sums[s // group_size : e // group_size] += taylor_quadratic_forms(
-                        self.model,
-                        self.loss_fn,
-                        X,
-                        y,
-                        weight,
-                        self.params,
-                        self.param_names,
-                        self._split_rows(rows),
-                        group_size,
-                    )
-        check_finite(sums, "the HessianOperator quadratic form")
-        return sums
-
-    def _quadratic_form(self, V: Tensor, group_size: int = 1) -> Tensor:
-        if self.quadratic_form_choice is None:
-            return self._quadratic_form_trial(V, group_size)
-        if self.quadratic_form_choice == "hvp":
-            return super()._quadratic_form(V, group_size)
-        try:
-            return self._taylor_forms(V, group_size)
-        except TaylorUnsupportedError as err:
-            if self.quadratic_form_method == "taylor":
-                raise
-            warnings.warn(
-                f"Taylor mode failed on this model; using v^T (H v) instead ({err})",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            self.quadratic_form_trial["taylor"] = f"{type(err).__name__}: {err}"
-            self.quadratic_form_choice = "hvp"
-            return super()._quadratic_form(V, group_size)
-
-    def _quadratic_form_trial(self, V: Tensor, group_size: int) -> Tensor:
-        """Time Taylor mode against ``v^T (H v)`` on the first probes; keep the faster."""
-        K = V.shape[1]
-        first = min(K, max(1, TRIAL_PROBES // group_size) * group_size)
-        head = V[:, :first]
-        reference = super()._quadratic_form(head, group_size)  # warms up, builds the graph
-        results = {"hvp": reference}
-        timings: dict[str, float | str] = {}
-        try:
-            taylor = self._taylor_forms(head, group_size)
-        except (TaylorUnsupportedError, RuntimeError, TypeError) as err:
-            timings["taylor"] = f"{type(err).__name__}: {str(err)[:200]}"
-        else:
-            err = _rel_diff([taylor], [reference])
-            tol = torch.finfo(self.dtype).eps ** 0.5
-            if not err <= tol:
-                timings["taylor"] = f"disagrees with v^T (H v) (rel. diff. {err:.1e})"
-        methods = {"hvp": lambda: super(HessianOperator, self)._quadratic_form(head, group_size)}
-        if "taylor" not in timings:
-            methods["taylor"] = lambda: self._taylor_forms(head, group_size)
-        for _ in range(TRIAL_ROUNDS):
-            for name, run in methods.items():
-                self._sync()
-                start = time.perf_counter()
-                results[name] = run()
-                self._sync()
-                elapsed = time.perf_counter() - start
-                timings[name] = min(elapsed, timings.get(name, float("inf")))
-        timed = {n: t for n, t in timings.items() if isinstance(t, float)}
-        choice = min(timed, key=timed.get)
-        self.quadratic_form_trial = timings
-        self.quadratic_form_choice = choice
-        if first == K:
-            return results[choice]
-        return torch.cat([results[choice], self._quadratic_form(V[:, first:], group_size)])
+    def _taylor_memory_budget(self) -> int | None:
+        return self.memory_budget
 
     def block_row_sums(self) -> list[Tensor]:
         """Row sums of each parameter's diagonal block, ``H_ii @ 1``, shaped like the params.
@@ -627,11 +498,3 @@ def _choose_eager(timed: dict[str, float]) -> str:
 def _reason(err: BaseException) -> str:
     """Why a candidate was dropped: the exception's type and the start of its message."""
     return f"{type(err).__name__}: {str(err)[:200]}"
-
-
-def _rel_diff(a: list[Tensor], b: list[Tensor]) -> float:
-    """Relative Frobenius distance of two lists of tensors, over all entries."""
-    with torch.no_grad():
-        num = sum(float((x - z).double().pow(2).sum()) for x, z in zip(a, b))
-        den = sum(float(z.double().pow(2).sum()) for z in b)
-    return (num / den) ** 0.5 if den > 0 else num**0.5

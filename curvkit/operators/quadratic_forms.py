@@ -1,0 +1,212 @@
+"""Quadratic forms ``v^T A v`` of curvature operators: Taylor mode or ``v^T (A v)``.
+
+:class:`TaylorQuadraticForms` gives a ``CurvatureOperator`` subclass a ``quadratic_form``
+that runs either through the operator's products (``"hvp"``: ``v^T (A v)``, the base
+class's chunked reduction) or by second-order forward propagation (``"taylor"``,
+:mod:`curvkit.taylor`: no backward pass, and the probes of a group collapse), chosen by a
+checked, timed trial at the first call (``"auto"``). ``HessianOperator`` propagates the
+model to second order; ``GGNOperator`` sets ``_taylor_gauss_newton`` and propagates it to
+first order (the linearised model), which gives ``(J v)^T (d^2 loss / d out^2) (J v)``.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch
+from torch import Tensor
+
+from curvkit.autodiff import check_finite, chunk_size_for, differentiable_attention
+from curvkit.operators.base import preserved_state
+from curvkit.taylor import (
+    TaylorUnsupportedError,
+    forward_activation_bytes,
+    taylor_quadratic_forms,
+)
+
+__all__ = [
+    "QUADRATIC_FORM_METHODS",
+    "TaylorQuadraticForms",
+    "check_quadratic_form_method",
+    "relative_difference",
+]
+
+#: quadratic-form methods: second-order forward propagation, or v^T (A v)
+QUADRATIC_FORM_METHODS = ("auto", "taylor", "hvp")
+#: most probes the ``"auto"`` trial runs per method (rounded to whole groups)
+TRIAL_PROBES = 8
+#: interleaved timing rounds of the trial (the best time of each method counts)
+TRIAL_ROUNDS = 2
+#: Taylor mode's peak memory per probe of a chunk, in multiples of the largest tensor a
+#: forward pass saves (measured on the benchmark ResNet and transformer: 9-21)
+TAYLOR_LIVE_TENSORS = 12
+#: default Taylor-mode memory budget, in multiples of the bytes a forward pass saves (a
+#: gradient's peak is about twice those)
+TAYLOR_BUDGET_FACTOR = 4
+#: most probes per Taylor-mode pass unless the operator says otherwise
+TAYLOR_MAX_PROBES = 16
+
+
+def check_quadratic_form_method(method: str) -> None:
+    if method not in QUADRATIC_FORM_METHODS:
+        raise ValueError(
+            f"unknown quadratic_form_method {method!r}; choose one of {QUADRATIC_FORM_METHODS}"
+        )
+
+
+def relative_difference(a: list[Tensor], b: list[Tensor]) -> float:
+    """Relative Frobenius distance of two lists of tensors, over all entries."""
+    with torch.no_grad():
+        num = sum(float((x - z).double().pow(2).sum()) for x, z in zip(a, b))
+        den = sum(float(z.double().pow(2).sum()) for z in b)
+    return (num / den) ** 0.5 if den > 0 else num**0.5
+
+
+class TaylorQuadraticForms:
+    """Mixin for ``CurvatureOperator`` subclasses (listed before it); call
+    ``_init_quadratic_forms(method)`` in ``__init__``.
+
+    Attributes:
+        quadratic_form_method: ``"auto"``, ``"taylor"`` or ``"hvp"`` as requested.
+        quadratic_form_choice: the method in use (``None`` before ``"auto"``'s trial).
+        quadratic_form_trial: the trial's seconds per method, or why Taylor mode was
+            dropped.
+    """
+
+    #: propagate the model to first order only (the GGN's linearised model)
+    _taylor_gauss_newton = False
+
+    def _init_quadratic_forms(self, method: str) -> None:
+        check_quadratic_form_method(method)
+        self.quadratic_form_method = method
+        self.quadratic_form_choice: str | None = None if method == "auto" else method
+        self.quadratic_form_trial: dict[str, float | str] = {}
+        self._activation_bytes: tuple[int, int] | None = None
+
+    def _taylor_max_probes(self) -> int:
+        return TAYLOR_MAX_PROBES
+
+    def _taylor_memory_budget(self) -> int | None:
+        return None
+
+    @property
+    def collapses_quadratic_forms(self) -> bool:
+        """Whether ``quadratic_form(V, group_size)`` may run in Taylor mode, where summing
+        the forms of a group of probes costs less than computing them one by one."""
+        return self.quadratic_form_choice in (None, "taylor")
+
+    @property
+    def max_collapsed_group(self) -> int:
+        """Largest probe group that one Taylor-mode pass holds within the memory budget
+        (estimators choose their default ``group_size`` up to it)."""
+        return self.taylor_chunk_size
+
+    @property
+    def taylor_chunk_size(self) -> int:
+        """Probes per Taylor-mode pass: at most ``_taylor_max_probes()``, and what fits in
+        the operator's memory budget or, without one, in ``TAYLOR_BUDGET_FACTOR`` times the
+        activations a forward pass saves (about twice a gradient's peak memory). A group of
+        collapsed probes is propagated in one pass, so a larger group overrides this."""
+        if self._activation_bytes is None:
+            X, y = self._prepare(*self.batches.first())
+            with preserved_state(self.model, self.device), differentiable_attention():
+                self._activation_bytes = forward_activation_bytes(self.model, self.loss_fn, X, y)
+        total, largest = self._activation_bytes
+        budget = self._taylor_memory_budget()
+        if budget is None:
+            budget = TAYLOR_BUDGET_FACTOR * total
+        return chunk_size_for(TAYLOR_LIVE_TENSORS * largest, budget, self._taylor_max_probes())
+
+    def _taylor_forms(self, V: Tensor, group_size: int) -> Tensor:
+        """Group sums of ``v_k^T A v_k`` by Taylor mode, ``(K // group_size,)``."""
+        D, K = V.shape
+        step = min(K, max(1, self.taylor_chunk_size // group_size) * group_size)
+        source = V.T
+        stage = None
+        if not source.is_contiguous():
+            stage = torch.empty(step, D, dtype=self.dtype, device=self.device)
+        sums = torch.zeros(K // group_size, dtype=self.dtype, device=self.device)
+        with preserved_state(self.model, self.device):
+            for X, y, weight in self._iter_batches():
+                for s in range(0, K, step):
+                    e = min(K, s + step)
+                    if stage is None:
+                        rows = source[s:e]
+                    else:
+                        rows = stage[: e - s]
+                        rows.copy_(source[s:e])
+                    sums[s // group_size : e // group_size] += taylor_quadratic_forms(
+                        self.model,
+                        self.loss_fn,
+                        X,
+                        y,
+                        weight,
+                        self.params,
+                        self.param_names,
+                        self._split_rows(rows),
+                        group_size,
+                        gauss_newton=self._taylor_gauss_newton,
+                    )
+        check_finite(sums, f"the {type(self).__name__} quadratic form")
+        return sums
+
+    def _quadratic_form(self, V: Tensor, group_size: int = 1) -> Tensor:
+        if self.quadratic_form_choice is None:
+            return self._quadratic_form_trial(V, group_size)
+        if self.quadratic_form_choice == "hvp":
+            return super()._quadratic_form(V, group_size)
+        try:
+            return self._taylor_forms(V, group_size)
+        except TaylorUnsupportedError as err:
+            if self.quadratic_form_method == "taylor":
+                raise
+            warnings.warn(
+                f"Taylor mode failed on this model; using v^T (A v) instead ({err})",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self.quadratic_form_trial["taylor"] = f"{type(err).__name__}: {err}"
+            self.quadratic_form_choice = "hvp"
+            return super()._quadratic_form(V, group_size)
+
+    def _quadratic_form_trial(self, V: Tensor, group_size: int) -> Tensor:
+        """Time Taylor mode against ``v^T (A v)`` on the first probes; keep the faster."""
+        K = V.shape[1]
+        first = min(K, max(1, TRIAL_PROBES // group_size) * group_size)
+        head = V[:, :first]
+        products = super()._quadratic_form
+        reference = products(head, group_size)  # warms up, builds the graph
+        results = {"hvp": reference}
+        timings: dict[str, float | str] = {}
+        try:
+            taylor = self._taylor_forms(head, group_size)
+        except (TaylorUnsupportedError, RuntimeError, TypeError) as err:
+            timings["taylor"] = f"{type(err).__name__}: {str(err)[:200]}"
+        else:
+            err = relative_difference([taylor], [reference])
+            tol = torch.finfo(self.dtype).eps ** 0.5
+            if not err <= tol:
+                timings["taylor"] = f"disagrees with v^T (A v) (rel. diff. {err:.1e})"
+        methods = {"hvp": lambda: products(head, group_size)}
+        if "taylor" not in timings:
+            methods["taylor"] = lambda: self._taylor_forms(head, group_size)
+        for _ in range(TRIAL_ROUNDS):
+            for name, run in methods.items():
+                self._sync_device()
+                start = time.perf_counter()
+                results[name] = run()
+                self._sync_device()
+                elapsed = time.perf_counter() - start
+                timings[name] = min(elapsed, timings.get(name, float("inf")))
+        timed = {n: t for n, t in timings.items() if isinstance(t, float)}
+        choice = min(timed, key=timed.get)
+        self.quadratic_form_trial = timings
+        self.quadratic_form_choice = choice
+        if first == K:
+            return results[choice]
+        return torch.cat([results[choice], self._quadratic_form(V[:, first:], group_size)])
+
+    def _sync_device(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

@@ -246,6 +246,18 @@ def _make(y0: Tensor, y1, y2, K: int, m: int) -> Jet:
     return Jet(y0, y1, y2, K, m)
 
 
+def _bind(names: Sequence[str], args: tuple, kwargs: dict) -> dict:
+    """A rule's arguments by name: positional ones named by ``names``, then keywords."""
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+def _reject_deprecated_reduction(bound: dict, what: str) -> None:
+    if bound.get("size_average") is not None or bound.get("reduce") is not None:
+        raise TaylorUnsupportedError(f"{what} with the deprecated size_average/reduce")
+
+
 def _shift(dim: int) -> int:
     """A dimension of ``S`` as a dimension of ``(n, *S)``."""
     return dim + 1 if dim >= 0 else dim
@@ -551,8 +563,7 @@ def _linear_layer(func, args, kwargs):
 
 def _conv(func, args, kwargs):
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    bound = dict(zip(names, args))
-    bound.update(kwargs)
+    bound = _bind(names, args, kwargs)
     x, W, b = bound.pop("input"), bound.pop("weight"), bound.pop("bias", None)
     conv = functools.partial(func, **bound)
     cross = None
@@ -582,8 +593,7 @@ def _conv_cross(conv: Callable, a1: Tensor, b1: Tensor, m: int) -> Tensor:
 
 def _embedding(func, args, kwargs):
     names = ("input", "weight", "padding_idx", "max_norm")
-    bound = dict(zip(names, args))
-    bound.update(kwargs)
+    bound = _bind(names, args, kwargs)
     idx, W = bound["input"], bound["weight"]
     if isinstance(idx, Jet):
         raise TaylorUnsupportedError("embedding indices cannot carry Taylor terms")
@@ -675,15 +685,13 @@ def _softmax(func, args, kwargs):
 
 def _cross_entropy(func, args, kwargs):
     names = ("input", "target", "weight", "size_average", "ignore_index", "reduce")
-    bound = dict(zip(names, args))
-    bound.update(kwargs)
+    bound = _bind(names, args, kwargs)
     x, target = bound.pop("input"), bound.pop("target")
     if bound.get("label_smoothing", 0.0) != 0.0:
         raise TaylorUnsupportedError("cross_entropy with label smoothing")
     if target.is_floating_point():
         raise TaylorUnsupportedError("cross_entropy with class-probability targets")
-    if bound.get("size_average") is not None or bound.get("reduce") is not None:
-        raise TaylorUnsupportedError("cross_entropy with the deprecated size_average/reduce")
+    _reject_deprecated_reduction(bound, "cross_entropy")
     ls = _log_softmax_jet(x, 1 if x.ndim > 1 else 0)
     kw = {k: bound[k] for k in ("weight", "ignore_index", "reduction") if k in bound}
     return _linear(F.nll_loss, (ls, target), kw)
@@ -701,10 +709,8 @@ def _reduce(x: Jet, reduction: str):
 
 def _mse_loss(func, args, kwargs):
     names = ("input", "target", "size_average", "reduce", "reduction")
-    bound = dict(zip(names, args))
-    bound.update(kwargs)
-    if bound.get("size_average") is not None or bound.get("reduce") is not None:
-        raise TaylorUnsupportedError("mse_loss with the deprecated size_average/reduce")
+    bound = _bind(names, args, kwargs)
+    _reject_deprecated_reduction(bound, "mse_loss")
     if bound.get("weight") is not None:
         raise TaylorUnsupportedError("mse_loss with weights")
     d = _add(bound["input"], bound["target"], -1.0)
@@ -713,10 +719,8 @@ def _mse_loss(func, args, kwargs):
 
 def _bce_with_logits(func, args, kwargs):
     names = ("input", "target", "weight", "size_average", "reduce", "reduction", "pos_weight")
-    bound = dict(zip(names, args))
-    bound.update(kwargs)
-    if bound.get("size_average") is not None or bound.get("reduce") is not None:
-        raise TaylorUnsupportedError("BCE with the deprecated size_average/reduce")
+    bound = _bind(names, args, kwargs)
+    _reject_deprecated_reduction(bound, "BCE")
     if bound.get("pos_weight") is not None:
         raise TaylorUnsupportedError("BCE with pos_weight")
     x, y = bound["input"], bound["target"]
@@ -742,8 +746,7 @@ def _normalise(x: Jet, dims: tuple[int, ...], eps: float) -> Jet:
 
 def _layer_norm(func, args, kwargs):
     names = ("input", "normalized_shape", "weight", "bias", "eps")
-    bound = dict(zip(names, args))
-    bound.update(kwargs)
+    bound = _bind(names, args, kwargs)
     x, shape = bound["input"], bound["normalized_shape"]
     w, b, eps = bound.get("weight"), bound.get("bias"), bound.get("eps", 1e-5)
     if not isinstance(x, Jet):
@@ -764,8 +767,7 @@ def _as_constant_jet(x: Tensor, *others) -> Jet:
 
 def _batch_norm(func, args, kwargs):
     names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum")
-    bound = dict(zip(names, args))
-    bound.update(kwargs)
+    bound = _bind(names, args, kwargs)
     x = bound["input"]
     w, b = bound.get("weight"), bound.get("bias")
     eps = bound.get("eps", args[7] if len(args) > 7 else 1e-5)
@@ -824,8 +826,7 @@ def _transpose_last(x):
 
 def _sdpa(func, args, kwargs):
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
-    bound = dict(zip(names, args))
-    bound.update(kwargs)
+    bound = _bind(names, args, kwargs)
     if bound.get("dropout_p", 0.0) != 0.0:
         raise TaylorUnsupportedError("attention dropout")
     if bound.get("enable_gqa", False):
@@ -843,8 +844,7 @@ def _multi_head_attention(func, args, kwargs):
         "in_proj_bias", "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight",
         "out_proj_bias", "training", "key_padding_mask", "need_weights", "attn_mask",
     )  # fmt: skip
-    bound = dict(zip(names, args))
-    bound.update(kwargs)
+    bound = _bind(names, args, kwargs)
     unsupported = (
         bound.get("need_weights", True)
         or bound.get("bias_k") is not None
@@ -888,8 +888,7 @@ def _multi_head_attention(func, args, kwargs):
 
 def _dropout(func, args, kwargs):
     names = ("input", "p", "training", "inplace")
-    bound = dict(zip(names, args))
-    bound.update(kwargs)
+    bound = _bind(names, args, kwargs)
     if bound.get("training", True) and bound.get("p", 0.5) != 0.0:
         raise TaylorUnsupportedError("dropout in training mode")
     return bound["input"]

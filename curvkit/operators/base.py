@@ -293,6 +293,28 @@ class CurvatureOperator(LinearOperator):
         n = rows.shape[0]
         return [piece.view(n, *p.shape) for piece, p in zip(rows.split(sizes, dim=1), self.params)]
 
+    def _staging_buffer(self, V: Tensor, step: int) -> Tensor | None:
+        """``(step, D)`` rows to transpose a row-major ``V`` into; ``None`` for column-major."""
+        D, K = V.shape
+        if V.T.is_contiguous():
+            return None
+        return torch.empty(min(step, K), D, dtype=self.dtype, device=self.device)
+
+    def _probe_rows(
+        self, V: Tensor, step: int, stage: Tensor | None
+    ) -> Iterator[tuple[int, int, Tensor]]:
+        """``(s, e, rows)``: the columns ``s:e`` of ``V`` ``(D, K)`` as ``(e - s, D)`` rows,
+        views of a column-major ``V`` or copies into ``stage`` (``_staging_buffer``)."""
+        K = V.shape[1]
+        for s in range(0, K, step):
+            e = min(K, s + step)
+            if stage is None:
+                yield s, e, V.T[s:e]
+            else:
+                rows = stage[: e - s]
+                rows.copy_(V.T[s:e])
+                yield s, e, rows
+
     def _data_pass(
         self,
         V: Tensor,
@@ -308,22 +330,12 @@ class CurvatureOperator(LinearOperator):
         ``after(s, e, probe_rows, result_rows)``. A column-major ``V`` (``V.T`` contiguous)
         gives its probe rows as views; a row-major one is transposed chunk by chunk.
         """
-        D, K = V.shape
-        source = V.T
-        stage = None
-        if not source.is_contiguous():
-            stage = torch.empty(min(step, K), D, dtype=self.dtype, device=self.device)
+        stage = self._staging_buffer(V, step)
         self._product_start()
         try:
             with preserved_state(self.model, self.device):
                 for b, (X, y, weight) in enumerate(self._iter_batches()):
-                    for s in range(0, K, step):
-                        e = min(K, s + step)
-                        if stage is None:
-                            rows = source[s:e]
-                        else:
-                            rows = stage[: e - s]
-                            rows.copy_(source[s:e])
+                    for s, e, rows in self._probe_rows(V, step, stage):
                         out = target(s, e)
                         self._batch_matmat(
                             X,

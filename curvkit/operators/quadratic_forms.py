@@ -120,22 +120,13 @@ class TaylorQuadraticForms:
 
     def _taylor_forms(self, V: Tensor, group_size: int) -> Tensor:
         """Group sums of ``v_k^T A v_k`` by Taylor mode, ``(K // group_size,)``."""
-        D, K = V.shape
+        K = V.shape[1]
         step = min(K, max(1, self.taylor_chunk_size // group_size) * group_size)
-        source = V.T
-        stage = None
-        if not source.is_contiguous():
-            stage = torch.empty(step, D, dtype=self.dtype, device=self.device)
+        stage = self._staging_buffer(V, step)
         sums = torch.zeros(K // group_size, dtype=self.dtype, device=self.device)
         with preserved_state(self.model, self.device):
             for X, y, weight in self._iter_batches():
-                for s in range(0, K, step):
-                    e = min(K, s + step)
-                    if stage is None:
-                        rows = source[s:e]
-                    else:
-                        rows = stage[: e - s]
-                        rows.copy_(source[s:e])
+                for s, e, rows in self._probe_rows(V, step, stage):
                     sums[s // group_size : e // group_size] += taylor_quadratic_forms(
                         self.model,
                         self.loss_fn,

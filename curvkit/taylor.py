@@ -475,7 +475,7 @@ def _reciprocal(x0):
     return r, -r * r, 2 * r * r * r
 
 
-def _derivatives(name: str, x0: Tensor, args, kwargs) -> tuple[Tensor, Tensor, Tensor | None]:
+def _derivatives(name: str, x0: Tensor, options: dict) -> tuple[Tensor, Tensor, Tensor | None]:
     """``f(x0), f'(x0), f''(x0)`` (``None`` for a second derivative that is zero a.e.)."""
     if name == "relu":
         return torch.relu(x0), (x0 > 0).to(x0.dtype), None
@@ -501,17 +501,17 @@ def _derivatives(name: str, x0: Tensor, args, kwargs) -> tuple[Tensor, Tensor, T
     if name == "rsqrt":
         r = torch.rsqrt(x0)
         return r, -0.5 * r / x0, 0.75 * r / (x0 * x0)
-    if name == "gelu" and kwargs.get("approximate", args[0] if args else "none") == "none":
+    if name == "gelu" and options.get("approximate", "none") == "none":
         pdf = torch.exp(-0.5 * x0 * x0) / math.sqrt(2 * math.pi)
         cdf = 0.5 * (1 + torch.erf(x0 / math.sqrt(2)))
         return x0 * cdf, cdf + x0 * pdf, pdf * (2 - x0 * x0)
     if name == "silu":
         s = torch.sigmoid(x0)
         return x0 * s, s * (1 + x0 * (1 - s)), s * (1 - s) * (2 + x0 * (1 - 2 * s))
-    if name == "softplus" and not args and not kwargs:
+    if name == "softplus" and options.get("beta", 1.0) == 1.0 and "threshold" not in options:
         s = torch.sigmoid(x0)
         return F.softplus(x0), s, s * (1 - s)
-    return _generic_derivatives(name, x0, args, kwargs)
+    return _generic_derivatives(name, x0, options)
 
 
 _ELEMENTWISE_GENERIC = {
@@ -530,26 +530,42 @@ _ELEMENTWISE_GENERIC = {
 }
 
 
-def _generic_derivatives(name, x0, args, kwargs):
+def _generic_derivatives(name: str, x0: Tensor, options: dict):
     """First and second derivatives of an elementwise function by double backward (its
     Jacobian is diagonal, so the gradient of the sum is the derivative)."""
     f = _ELEMENTWISE_GENERIC[name]
     with torch.enable_grad():
         x = x0.detach().requires_grad_()
-        y = f(x, *args, **kwargs)
+        y = f(x, **options)
         (d1,) = torch.autograd.grad(y.sum(), x, create_graph=True)
         d2 = torch.autograd.grad(d1.sum(), x, allow_unused=True)[0] if d1.requires_grad else None
     return y.detach(), d1.detach(), None if d2 is None else d2.detach()
 
 
+#: the arguments after the input of the elementwise functions that take any
+_ELEMENTWISE_ARGS = {
+    "relu": ("inplace",),
+    "silu": ("inplace",),
+    "mish": ("inplace",),
+    "leaky_relu": ("negative_slope", "inplace"),
+    "elu": ("alpha", "inplace"),
+    "hardtanh": ("min_val", "max_val", "inplace"),
+    "softplus": ("beta", "threshold"),
+    "gelu": ("approximate",),
+}
+
+
 def _elementwise(func, args, kwargs):
-    x, rest = args[0], args[1:]
-    kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
-    if not isinstance(x, Jet) or _jets(*rest, *kwargs.values()):
-        raise TaylorUnsupportedError(f"{_name(func)!r} with Taylor-mode arguments after the first")
-    if _name(func) in ("relu", "threshold", "hardtanh", "leaky_relu", "elu", "selu", "celu"):
-        rest = rest[:1] if _name(func) != "relu" else ()  # drop an ``inplace`` positional
-    y0, d1, d2 = _derivatives(_name(func), x.x0, rest, kwargs)
+    x, name = args[0], _name(func)
+    options = _bind(_ELEMENTWISE_ARGS.get(name, ()), args[1:], kwargs)
+    options.pop("inplace", None)
+    if (
+        not isinstance(x, Jet)
+        or _jets(*options.values())
+        or len(args) - 1 > len(_ELEMENTWISE_ARGS.get(name, ()))
+    ):
+        raise TaylorUnsupportedError(f"{name!r} with Taylor-mode or unexpected arguments")
+    y0, d1, d2 = _derivatives(name, x.x0, options)
     return _unary_apply(x, y0, d1, d2)
 
 
@@ -610,24 +626,21 @@ def _embedding(func, args, kwargs):
     return _make(F.embedding(idx, W.x0), take(W.x1), take(W.x2), W.K, W.m)
 
 
+_POOL_ARGS = {
+    "max_pool1d": ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+    "max_pool2d": ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+    "max_pool3d": ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+    "adaptive_max_pool1d": ("output_size", "return_indices"),
+    "adaptive_max_pool2d": ("output_size", "return_indices"),
+}
+
+
 def _max_pool(func, args, kwargs):
+    """Max pooling selects inputs: every order takes the entries ``x0`` selects."""
     x = args[0]
-    kwargs = dict(kwargs)
-    want_indices = kwargs.pop("return_indices", False)
-    names = {
-        "max_pool1d": ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
-        "max_pool2d": ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
-        "max_pool3d": ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
-        "adaptive_max_pool1d": ("output_size",),
-        "adaptive_max_pool2d": ("output_size",),
-    }
     base = _name(func).lstrip("_").replace("_with_indices", "")
-    for key, value in zip(names[base], args[1:]):
-        if key == "ceil_mode" and len(args) > 6:
-            want_indices = bool(args[6])
-        kwargs[key] = value
-    if len(args) > 6 and base.startswith("max_pool"):  # F.max_pool2d positional order
-        want_indices = bool(args[6])
+    kwargs = _bind(_POOL_ARGS[base], args[1:], kwargs)
+    want_indices = bool(kwargs.pop("return_indices", False))
     pool = getattr(F, base)
     y0, idx = pool(x.x0, **kwargs, return_indices=True)
     nd = int(base[-2])
@@ -680,7 +693,7 @@ def _log_softmax(func, args, kwargs):
 
 def _softmax(func, args, kwargs):
     ls = _log_softmax_jet(args[0], _softmax_dim(args, kwargs))
-    return _unary_apply(ls, *_derivatives("exp", ls.x0, (), {}))
+    return _unary_apply(ls, *_derivatives("exp", ls.x0, {}))
 
 
 def _cross_entropy(func, args, kwargs):
@@ -727,7 +740,7 @@ def _bce_with_logits(func, args, kwargs):
     if isinstance(y, Jet):
         raise TaylorUnsupportedError("BCE with a Taylor-mode target")
     # softplus(x) - y x, elementwise
-    loss = _add(_unary_apply(x, *_derivatives("softplus", x.x0, (), {})), _mul(x, y), -1.0)
+    loss = _add(_unary_apply(x, *_derivatives("softplus", x.x0, {})), _mul(x, y), -1.0)
     if bound.get("weight") is not None:
         loss = _mul(loss, bound["weight"])
     return _reduce(loss, bound.get("reduction", "mean"))
@@ -740,7 +753,7 @@ def _normalise(x: Jet, dims: tuple[int, ...], eps: float) -> Jet:
     c = _add(x, mean, -1.0)
     var = _linear(torch.mean, (_mul(c, c),), {"dim": dims, "keepdim": True})
     v = _add(var, eps)
-    r = _unary_apply(v, *_derivatives("rsqrt", v.x0, (), {}))
+    r = _unary_apply(v, *_derivatives("rsqrt", v.x0, {}))
     return _mul(c, r)
 
 

@@ -96,7 +96,7 @@ class ConvZoo(nn.Module):
         self.conv1 = nn.Conv2d(2, 3, 3, stride=2, padding=1)
         self.bn = nn.BatchNorm2d(3).eval()
         self.conv2 = nn.Conv2d(3, 3, 3, padding=1, bias=False)
-        self.head = nn.Linear(3 * 2 * 2 + 3, 2)
+        self.head = nn.Linear(3 * 2 * 2 + 3 + 3 * 2 * 2, 2)
         with torch.no_grad():
             self.bn.running_mean.normal_()
             self.bn.running_var.uniform_(0.5, 2.0)
@@ -106,7 +106,8 @@ class ConvZoo(nn.Module):
         h = torch.sigmoid(self.conv2(h)) + h
         a = F.avg_pool2d(h, 2).flatten(1)  # (N, 12)
         m, _ = F.adaptive_max_pool2d(h, 1, return_indices=True)
-        return self.head(torch.cat([a, m.flatten(1)], dim=1))
+        p, _ = F.max_pool2d(h, 2, 2, 0, 1, False, True)  # return_indices by position
+        return self.head(torch.cat([a, m.flatten(1), p.flatten(1)], dim=1))
 
 
 class Elementwise(nn.Module):
@@ -115,7 +116,7 @@ class Elementwise(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(3, 4)
-        self.head = nn.Linear(4 * 7, 2)
+        self.head = nn.Linear(4 * 11, 2)
 
     def forward(self, x):
         h = self.lin(x)
@@ -127,6 +128,10 @@ class Elementwise(nn.Module):
             torch.log(torch.sigmoid(h)),
             h.softmax(-1) * 3.0,
             torch.tanh(h).pow(2) - 2 * h.mean(-1, keepdim=True),
+            F.leaky_relu(h, 0.2),
+            F.elu(h, 0.5),
+            F.hardtanh(h, -0.5, 0.7),
+            F.softplus(h, beta=2.0),
         ]
         return self.head(torch.stack(parts, dim=1).flatten(1))
 

@@ -1021,20 +1021,23 @@ _RULES: dict[str, Callable[[Any, tuple, dict], Any]] = {
 # ---------------------------------------------------------------------- driver
 @contextlib.contextmanager
 def _jet_parameters(
-    model: nn.Module, param_names: Sequence[str], jets: Sequence[Jet]
+    model: nn.Module, params: Sequence[Tensor], jets: Sequence[Jet]
 ) -> Iterator[None]:
-    """Swap the named parameters of ``model`` for jets (restored on exit)."""
+    """Swap ``params`` for jets in every module slot that holds them (a tied weight sits in
+    several modules), restored on exit."""
+    by_id = {id(p): jet for p, jet in zip(params, jets)}
     swapped = []
     try:
-        for name, jet in zip(param_names, jets):
-            owner_name, _, attr = name.rpartition(".")
-            owner = model.get_submodule(owner_name) if owner_name else model
-            swapped.append((owner, attr, owner._parameters[attr]))
-            owner._parameters[attr] = jet  # bypasses nn.Module.__setattr__'s type check
+        for module in model.modules():
+            for attr, p in module._parameters.items():
+                if p is not None and id(p) in by_id:
+                    swapped.append((module, attr, p))
+        for module, attr, p in swapped:
+            module._parameters[attr] = by_id[id(p)]  # bypasses __setattr__'s type check
         yield
     finally:
-        for owner, attr, original in reversed(swapped):
-            owner._parameters[attr] = original
+        for module, attr, original in swapped:
+            module._parameters[attr] = original
 
 
 def taylor_quadratic_forms(
@@ -1044,7 +1047,6 @@ def taylor_quadratic_forms(
     y: Tensor,
     weight: float,
     params: Sequence[Tensor],
-    param_names: Sequence[str],
     probes: Sequence[Tensor],
     group_size: int = 1,
     gauss_newton: bool = False,
@@ -1052,6 +1054,7 @@ def taylor_quadratic_forms(
     """``v_k^T H_b v_k`` for the loss ``weight * loss_fn(model(X), y)`` of one batch.
 
     Args:
+        params: the differentiated parameters of ``model`` (tied ones once).
         probes: per parameter, ``(K, *param.shape)``; the ``K`` probes ``v_k``.
         group_size: probes whose forms are summed (collapsed) before they are returned;
             must divide ``K``.
@@ -1070,7 +1073,7 @@ def taylor_quadratic_forms(
     if group_size < 1 or K % group_size:
         raise ValueError(f"group_size must divide the number of probes {K}, got {group_size}")
     jets = [Jet(p.detach(), v, None, K, group_size) for p, v in zip(params, probes)]
-    with torch.no_grad(), _jet_parameters(model, param_names, jets):
+    with torch.no_grad(), _jet_parameters(model, params, jets):
         if gauss_newton:
             with _linearised():
                 out = model(X)

@@ -256,7 +256,7 @@ def test_group_size_validation():
         op.quadratic_form(V[:, 0], group_size=2)
     with pytest.raises(ValueError, match="divide"):
         taylor_quadratic_forms(
-            case.model, case.loss_fn, *case.batches[0], 1.0, op.params, op.param_names,
+            case.model, case.loss_fn, *case.batches[0], 1.0, op.params,
             op._split_rows(V.T.contiguous()), group_size=4,
         )  # fmt: skip
     dense = ck.DenseOperator(torch.eye(3, dtype=DTYPE) * 2)
@@ -320,3 +320,35 @@ def test_ggn_trace_by_hutchinson_collapses():
     exact = op.trace().value
     assert est.info.get("group_size", 1) >= 1
     assert abs(float(est.value - exact)) < 5 * float(est.stderr) + 1e-12
+
+
+class TiedLM(nn.Module):
+    """Embedding and output layer sharing one weight (weight tying)."""
+
+    def __init__(self, vocab: int = 5, d: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(d, d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mix(self.embed(tokens))))
+
+
+def test_tied_weights_carry_their_tangent_everywhere():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    X, y = torch.randint(0, 5, (4, 3), generator=g), torch.randint(0, 5, (4, 3), generator=g)
+
+    def loss(out, target):
+        return F.cross_entropy(out.flatten(0, 1), target.flatten())
+
+    loss.reduction = "mean"
+    case = Case("tied", TiedLM().to(DTYPE), loss, [(X, y)])
+    assert len(case.params) == 3  # the tied weight once
+    H = dense_hessian(case)
+    V = _probes(H.shape[0], 3)
+    op = _taylor_op(case)
+    assert rel_err(op.quadratic_form(V), _oracle_forms(H, V)) < TOL
+    assert case.model.head.weight is case.model.embed.weight  # restored, still tied

@@ -134,7 +134,6 @@ class TaylorQuadraticForms:
                         y,
                         weight,
                         self.params,
-                        self.param_names,
                         self._split_rows(rows),
                         group_size,
                         gauss_newton=self._taylor_gauss_newton,

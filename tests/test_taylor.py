@@ -352,3 +352,24 @@ def test_tied_weights_carry_their_tangent_everywhere():
     op = _taylor_op(case)
     assert rel_err(op.quadratic_form(V), _oracle_forms(H, V)) < TOL
     assert case.model.head.weight is case.model.embed.weight  # restored, still tied
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_trace_estimates_equal_the_dense_operator_s(method):
+    """Same probes, same estimate: the Hessian's quadratic forms (Taylor mode here) and the
+    dense matrix's."""
+    case = make_case("layernorm-gelu", "ce-mean", [4, 3])
+    H = dense_hessian(case)
+    op = _taylor_op(case)
+    kwargs = {"group_size": 1} if method == "hutchinson" else {}
+    est = ck.trace(
+        op, method=method, num_matvecs=12, generator=torch.Generator().manual_seed(3), **kwargs
+    )
+    ref = ck.trace(
+        ck.DenseOperator(H),
+        method=method,
+        num_matvecs=12,
+        generator=torch.Generator().manual_seed(3),
+    )
+    assert abs(float(est.value - ref.value)) < 1e-10 * max(1.0, abs(float(ref.value)))
+    assert abs(float(est.stderr - ref.stderr)) < 1e-10 * max(1.0, float(ref.stderr))

@@ -19,7 +19,8 @@ Methods (``TRACE_METHODS``), each counting its cost in matvecs (columns pushed t
 ``"hutch++"``
     Meyer–Musco–Musco–Woodruff: ``k = m // 3`` sketch products, ``k`` products for
     ``A Q``, the remaining ``m - 2k`` as Hutchinson probes of the deflated
-    ``(I - QQ^T) A (I - QQ^T)``. Its standard error is the Hutchinson part's sample
+    ``(I - QQ^T) A (I - QQ^T)`` (quadratic forms ``g'^T A g'`` of the deflated probes
+    ``g' = (I - QQ^T) g``, so curvature operators may use Taylor mode for them). Its standard error is the Hutchinson part's sample
     error; since the estimate is unbiased *conditionally on Q*, that is an honest estimate
     of the total variance (t quantile, ``m - 2k - 1`` degrees of freedom).
 ``"xtrace"``
@@ -242,7 +243,7 @@ def hutchpp_trace(
     AQ = batched_matmat(A, Q)
     low_rank = (Q * AQ).sum((-2, -1))  # tr(Q^T A Q), (R,)
     Gp = G - Q @ (Q.mT @ G)
-    samples = (Gp * batched_matmat(A, Gp)).sum(-2)  # (R, n_h)
+    samples = batched_quadratic_form(A, Gp)  # (R, n_h): g'^T A g', Taylor mode where faster
     mean, stderr = mean_stderr(samples)
     info["stderr"] = "sample standard error of the deflated Hutchinson part (conditionally exact)"
     return finish_estimate(low_rank + mean, stderr, m, "hutch++", n_h - 1, replicates, info, seed)

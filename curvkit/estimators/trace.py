@@ -20,9 +20,10 @@ Methods (``TRACE_METHODS``), each counting its cost in matvecs (columns pushed t
     Meyer–Musco–Musco–Woodruff: ``k = m // 3`` sketch products, ``k`` products for
     ``A Q``, the remaining ``m - 2k`` as Hutchinson probes of the deflated
     ``(I - QQ^T) A (I - QQ^T)`` (quadratic forms ``g'^T A g'`` of the deflated probes
-    ``g' = (I - QQ^T) g``, so curvature operators may use Taylor mode for them). Its standard error is the Hutchinson part's sample
-    error; since the estimate is unbiased *conditionally on Q*, that is an honest estimate
-    of the total variance (t quantile, ``m - 2k - 1`` degrees of freedom).
+    ``g' = (I - QQ^T) g``, so curvature operators may use Taylor mode for them). Its
+    standard error is the Hutchinson part's sample error; since the estimate is unbiased
+    *conditionally on Q*, that is an honest estimate of the total variance (t quantile,
+    ``m - 2k - 1`` degrees of freedom).
 ``"xtrace"``
     XTrace (Epperly, Tropp & Webber 2024, SIMAX): ``m // 2`` probes ``w_i``, the basis ``Q``
     of ``A W`` and ``A Q``; each leave-one-out estimate ``t_i = tr(Q_i^T A Q_i) +

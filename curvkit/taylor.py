@@ -116,10 +116,20 @@ class Jet:
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         return _dispatch(func, args, kwargs or {})
 
+    @property
+    def mT(self) -> Jet:  # noqa: N802 (torch's name)
+        return _linear(torch.transpose, (self, -2, -1), {})
+
+    @property
+    def T(self) -> Jet:  # noqa: N802 (torch's name)
+        return _linear(torch.permute, (self, tuple(reversed(range(self.ndim)))), {})
+
     def __getattr__(self, name: str):
         method = getattr(torch.Tensor, name, None)
-        if method is None or not callable(method):
+        if method is None:
             raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        if not callable(method):
+            raise TaylorUnsupportedError(f"no Taylor-mode rule for the tensor attribute {name!r}")
         return functools.partial(_dispatch_method, method, self)
 
     def __add__(self, other):
@@ -944,7 +954,7 @@ _LINEAR_OPS = (
     "chunk", "split", "unbind", "narrow", "select", "sum", "mean", "adaptive_avg_pool1d",
     "adaptive_avg_pool2d", "adaptive_avg_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
     "nll_loss", "__getitem__", "repeat", "flip", "roll", "tril", "triu", "diagonal",
-    "view_as", "reshape_as", "mT", "trace",
+    "view_as", "reshape_as", "trace",
 )  # fmt: skip
 _ELEMENTWISE_OPS = (
     "relu", "tanh", "sigmoid", "exp", "log", "reciprocal", "sqrt", "rsqrt", *_ELEMENTWISE_GENERIC,

@@ -116,7 +116,7 @@ class Elementwise(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(3, 4)
-        self.head = nn.Linear(4 * 11, 2)
+        self.head = nn.Linear(4 * 12, 2)
 
     def forward(self, x):
         h = self.lin(x)
@@ -128,6 +128,7 @@ class Elementwise(nn.Module):
             torch.log(torch.sigmoid(h)),
             h.softmax(-1) * 3.0,
             torch.tanh(h).pow(2) - 2 * h.mean(-1, keepdim=True),
+            (h.unsqueeze(-1) @ h.unsqueeze(-1).mT).diagonal(dim1=-2, dim2=-1) + h.T.T,
             F.leaky_relu(h, 0.2),
             F.elu(h, 0.5),
             F.hardtanh(h, -0.5, 0.7),
@@ -373,3 +374,26 @@ def test_trace_estimates_equal_the_dense_operator_s(method):
     )
     assert abs(float(est.value - ref.value)) < 1e-10 * max(1.0, abs(float(ref.value)))
     assert abs(float(est.stderr - ref.stderr)) < 1e-10 * max(1.0, float(ref.stderr))
+
+
+class DetachedWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return x @ self.lin.weight.data.T + self.lin.bias
+
+
+def test_a_tensor_attribute_without_a_rule_is_reported():
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(6, 4, generator=g, dtype=DTYPE), torch.randn(6, 3, generator=g, dtype=DTYPE)
+    model = DetachedWeight().to(DTYPE)
+    explicit = ck.HessianOperator(model, nn.MSELoss(), (X, y), quadratic_form_method="taylor")
+    V = _probes(explicit.shape[0], 2)
+    with pytest.raises(TaylorUnsupportedError, match="attribute 'data'"):
+        explicit.quadratic_form(V)
+    auto = ck.HessianOperator(model, nn.MSELoss(), (X, y))
+    expected = (V * (auto @ V)).sum(0)
+    assert rel_err(auto.quadratic_form(V), expected) < TOL
+    assert auto.quadratic_form_choice == "hvp"

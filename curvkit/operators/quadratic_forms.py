@@ -178,7 +178,7 @@ class TaylorQuadraticForms:
             results["taylor"], timings["taylor"] = self._timed(
                 lambda: self._taylor_forms(head, group_size)
             )
-        except (TaylorUnsupportedError, RuntimeError, TypeError) as err:
+        except Exception as err:  # any failure of Taylor mode leaves v^T (A v), recorded
             timings["taylor"] = f"{type(err).__name__}: {str(err)[:200]}"
         else:
             err = relative_difference([results["taylor"]], [results["hvp"]])

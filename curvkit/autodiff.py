@@ -59,11 +59,13 @@ __all__ = [
     "check_finite",
     "check_compile_backend",
     "chunk_size_for",
+    "chunked_into",
     "differentiable_attention",
     "first_backward",
     "graph_bytes",
     "graph_hvp",
     "gradient",
+    "saved_tensor_bytes",
     "write_into",
     "second_backward",
 ]
@@ -207,7 +209,7 @@ def batched_grad(
     if K == 0:
         res = [torch.zeros((0, *x.shape), dtype=x.dtype, device=x.device) for x in inputs]
         return write_into(res, out, accumulate)
-    return _chunked_into(
+    return chunked_into(
         lambda chunk: _batched(outputs, inputs, chunk),
         list(grad_outputs),
         chunk_size,
@@ -239,7 +241,7 @@ def graph_hvp(
     return batched_grad(grads, params, probes, chunk_size, out, accumulate)
 
 
-def _chunked_into(
+def chunked_into(
     compute: Callable[[list[Tensor]], list[Tensor]],
     probes: list[Tensor],
     chunk_size: int,
@@ -315,7 +317,7 @@ def batch_hvp(
     else:
         grads = first_backward(model, loss_fn, X, y, weight, params)
         return graph_hvp(grads, params, probes, backend, chunk_size, out, accumulate)
-    return _chunked_into(compute, probes, chunk_size, out, accumulate)
+    return chunked_into(compute, probes, chunk_size, out, accumulate)
 
 
 def first_backward(
@@ -527,12 +529,11 @@ def _forward_ad(model, loss_fn, X, y, weight, params, param_names):
 
 
 # ---------------------------------------------------------------------- memory budget
-def graph_bytes(model: nn.Module, loss_fn, X, y, params: Sequence[Tensor]) -> int:
-    """Bytes autograd saves for one forward plus first backward with ``create_graph=True``.
+def saved_tensor_bytes(run: Callable[[], object]) -> list[int]:
+    """Bytes of each storage autograd saves while ``run()`` executes (each storage once).
 
-    Counted through saved-tensor hooks (each storage once), so it works on every device
-    without allocator statistics. It is what a probe-batched second backward has to hold
-    per probe, to first order, and is used to size probe chunks to a memory budget.
+    Counted through saved-tensor hooks, so it works on every device without allocator
+    statistics.
     """
     seen: dict[tuple, int] = {}
 
@@ -545,9 +546,21 @@ def graph_bytes(model: nn.Module, loss_fn, X, y, params: Sequence[Tensor]) -> in
         return t
 
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_fn(model(X), y)
-        gradient(loss, params, create_graph=True)
-    return int(sum(seen.values()))
+        run()
+    return list(seen.values())
+
+
+def graph_bytes(model: nn.Module, loss_fn, X, y, params: Sequence[Tensor]) -> int:
+    """Bytes autograd saves for one forward plus first backward with ``create_graph=True``.
+
+    It is what a probe-batched second backward has to hold per probe, to first order, and is
+    used to size probe chunks to a memory budget.
+    """
+
+    def run() -> None:
+        gradient(loss_fn(model(X), y), params, create_graph=True)
+
+    return int(sum(saved_tensor_bytes(run)))
 
 
 def chunk_size_for(per_probe_bytes: int, memory_budget: int | None, max_probes: int) -> int:

@@ -43,6 +43,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
 
+from curvkit.autodiff import saved_tensor_bytes
+
 __all__ = ["Jet", "TaylorUnsupportedError", "forward_activation_bytes", "taylor_quadratic_forms"]
 
 
@@ -1108,18 +1110,7 @@ def forward_activation_bytes(model: nn.Module, loss_fn, X, y) -> tuple[int, int]
     ``(K, *shape)`` per probe chunk, so the largest saved tensor sizes its probe chunks and
     the total (what a gradient holds) is the yardstick of its memory budget.
     """
-    sizes: dict[tuple, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        try:
-            storage = t.untyped_storage()
-            sizes[(t.device, storage.data_ptr())] = storage.nbytes()
-        except (RuntimeError, NotImplementedError):
-            sizes[(id(t),)] = t.numel() * t.element_size()
-        return t
-
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss_fn(model(X), y)
+    sizes = saved_tensor_bytes(lambda: loss_fn(model(X), y))
     if not sizes:
         return 0, 0
-    return int(sum(sizes.values())), int(max(sizes.values()))
+    return int(sum(sizes)), int(max(sizes))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,6 +16,7 @@ from curvkit.autodiff import (
     batch_hvp,
     check_compile_backend,
     chunk_size_for,
+    chunked_into,
     differentiable_attention,
     first_backward,
     graph_bytes,
@@ -232,11 +232,8 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
         trial_probes = [v[:chunk] for v in probes]
         tol = torch.finfo(self.dtype).eps ** 0.5
         timings: dict[str, float | str] = {}
-        self._sync_device()
-        start = time.perf_counter()
-        self._batch_graph(X, y, weight, batch)  # built here (or reused) so it can be timed
-        self._sync_device()
-        build_s = time.perf_counter() - start
+        # built here (or reused) so it can be timed
+        _, build_s = self._timed(lambda: self._batch_graph(X, y, weight, batch))
         reference = self._run("double-backward", X, y, weight, trial_probes, batch=batch)
         graph_charge = 0.0 if self.cache_graph else build_s * chunk / K
         if not all(bool(torch.isfinite(r).all()) for r in reference):
@@ -261,11 +258,9 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
         for _ in range(TRIAL_ROUNDS):  # interleaved rounds, best time per candidate
             for name in list(alive):
                 try:
-                    self._sync_device()
-                    start = time.perf_counter()
-                    res = self._run(name, X, y, weight, trial_probes, batch=batch)
-                    self._sync_device()
-                    elapsed = time.perf_counter() - start
+                    res, elapsed = self._timed(
+                        lambda name=name: self._run(name, X, y, weight, trial_probes, batch=batch)
+                    )
                 except Exception as err:
                     if name == "double-backward" or not (
                         name == "compiled" or isinstance(err, RuntimeError)
@@ -331,37 +326,21 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
         out: list[Tensor] | None,
         accumulate: bool,
     ) -> list[Tensor]:
-        """The compiled product, chunk by chunk through :func:`batch_hvp`, counting in
-        ``self._compiled_done`` the probes whose products are already written to ``out``."""
+        """The compiled product, chunk by chunk, counting in ``self._compiled_done`` the
+        probes whose products are already written to ``out``."""
         if self.compiled_product is None:
             self.compiled_product = CompiledHVP(
                 self.model, self.loss_fn, self.param_names, self.compile_backend
             )
         self._compiled_done = 0
-        K, step = probes[0].shape[0], self.chunk_size
-        pieces = []
-        for s in range(0, K, step):
-            res = batch_hvp(
-                self.model,
-                self.loss_fn,
-                X,
-                y,
-                weight,
-                self.params,
-                self.param_names,
-                [v[s : s + step] for v in probes],
-                "compiled",
-                step,
-                None if out is None else [o[s : s + step] for o in out],
-                accumulate,
-                compiled=self.compiled_product,
-            )
-            self._compiled_done = min(K, s + step)
-            if out is None:
-                pieces.append(res)
-        if out is not None:
-            return out
-        return pieces[0] if len(pieces) == 1 else [torch.cat(c) for c in zip(*pieces)]
+        compute = self.compiled_product.chunk_function(X, y, weight, self.params)
+
+        def counted(chunk: list[Tensor]) -> list[Tensor]:
+            res = compute(chunk)
+            self._compiled_done += chunk[0].shape[0]  # written into ``out`` right after
+            return res
+
+        return chunked_into(counted, probes, self.chunk_size, out, accumulate)
 
     def _run_or_fall_back(
         self,

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -193,7 +195,8 @@ class TaylorQuadraticForms:
             return results[choice]
         return torch.cat([results[choice], self._quadratic_form(V[:, first:], group_size)])
 
-    def _timed(self, run) -> tuple[Tensor, float]:
+    def _timed(self, run: Callable[[], Any]) -> tuple[Any, float]:
+        """``run()`` and its wall-clock seconds, the device synchronised around it."""
         self._sync_device()
         start = time.perf_counter()
         out = run()

@@ -147,7 +147,7 @@ class Jet:
         return _add(other, self, -1.0)
 
     def __neg__(self):
-        return _scale(self, -1.0)
+        return _mul(self, -1.0)
 
     def __mul__(self, other):
         return _mul(self, other)
@@ -329,16 +329,6 @@ def _joint_linear(func, args, kwargs):
         return vmap(lambda *ps: func(list(ps), *rest, **kwargs))(*parts)
 
     return _make(y0, order(1), order(2), K, m)
-
-
-def _scale(x: Jet, c) -> Jet:
-    return _make(
-        x.x0 * c,
-        None if x.x1 is None else x.x1 * c,
-        None if x.x2 is None else x.x2 * c,
-        x.K,
-        x.m,
-    )
 
 
 # ---------------------------------------------------------------------- arithmetic
@@ -601,7 +591,7 @@ def _conv(func, args, kwargs):
     if b is None:
         return out
     view = (-1,) + (1,) * (_p0(out).ndim - 2)
-    b = _dispatch(torch.Tensor.reshape, (b, view), {}) if isinstance(b, Jet) else b.reshape(view)
+    b = b.reshape(view)  # a jet's reshape is its rule
     return _add(out, b)
 
 
@@ -808,9 +798,9 @@ def _batch_norm(func, args, kwargs):
     else:
         out = _mul(_add(x, rm.reshape(view), -1.0), torch.rsqrt(rv.reshape(view) + eps))
     if w is not None:
-        out = _mul(out, w.reshape(view) if not isinstance(w, Jet) else w.reshape(view))
+        out = _mul(out, w.reshape(view))
     if b is not None:
-        out = _add(out, b.reshape(view) if not isinstance(b, Jet) else b.reshape(view))
+        out = _add(out, b.reshape(view))
     return out
 
 
@@ -898,8 +888,7 @@ def _multi_head_attention(func, args, kwargs):
         return _linear_layer(F.linear, (x, W, b), {})
 
     def heads(x, length):  # (length, N, E) -> (N * H, length, hd)
-        x = x.reshape(length, N * H, hd) if not isinstance(x, Jet) else x.reshape(length, N * H, hd)
-        return x.transpose(0, 1)
+        return x.reshape(length, N * H, hd).transpose(0, 1)
 
     q = heads(project(query, 0), L)
     k = heads(project(key, 1), S)
@@ -978,8 +967,8 @@ _RULES: dict[str, Callable[[Any, tuple, dict], Any]] = {
     "__isub__": _sub,
     "__rsub__": _rsub,
     "rsub": _rsub,
-    "neg": lambda func, args, kwargs: _scale(args[0], -1.0),
-    "__neg__": lambda func, args, kwargs: _scale(args[0], -1.0),
+    "neg": lambda func, args, kwargs: _mul(args[0], -1.0),
+    "__neg__": lambda func, args, kwargs: _mul(args[0], -1.0),
     "mul": _binary_method(_mul),
     "__mul__": _binary_method(_mul),
     "__rmul__": _rbinary(_mul),

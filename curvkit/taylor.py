@@ -43,9 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
 
-from curvkit.autodiff import saved_tensor_bytes
-
-__all__ = ["Jet", "TaylorUnsupportedError", "forward_activation_bytes", "taylor_quadratic_forms"]
+__all__ = ["Jet", "TaylorUnsupportedError", "taylor_quadratic_forms"]
 
 
 class TaylorUnsupportedError(NotImplementedError):
@@ -445,11 +443,14 @@ def _batched_left(B, t: Tensor, b0: Tensor) -> Tensor:
 
 def _batched_right(B, a0: Tensor, t: Tensor) -> Tensor:
     if B is F.linear:
-        # x0 @ V_k^T for all k as one (M, in) @ (in, K * out) product: vmap would expand x0
-        # to (K, M, in) and run K smaller products
+        # x0 @ V_k^T for all k as one batched product over a stride-0 x0 (no copy): the
+        # probes are strided views of the probe rows, and folding them into one
+        # (M, in) @ (in, K * out) product copies them first (MLP 3072-1024, batch 128,
+        # K = 16: 262 ms against 137 ms)
         n, out, inp = t.shape
-        flat = a0.reshape(-1, inp) @ t.reshape(n * out, inp).T  # (M, n * out)
-        return flat.reshape(*a0.shape[:-1], n, out).movedim(-2, 0)
+        flat = a0.reshape(-1, inp)
+        prod = torch.bmm(flat.expand(n, *flat.shape), t.transpose(1, 2))  # (n, M, out)
+        return prod.reshape(n, *a0.shape[:-1], out)
     return vmap(B, in_dims=(None, 0))(a0, t)
 
 
@@ -1090,16 +1091,3 @@ def taylor_quadratic_forms(
     if loss.x2 is None:
         return loss.x0.new_zeros(K // group_size)
     return weight * loss.x2
-
-
-def forward_activation_bytes(model: nn.Module, loss_fn, X, y) -> tuple[int, int]:
-    """``(total, largest)`` bytes of the tensors autograd saves in one forward pass.
-
-    Taylor-mode propagation holds no graph: at any time it holds a few intermediates, each
-    ``(K, *shape)`` per probe chunk, so the largest saved tensor sizes its probe chunks and
-    the total (what a gradient holds) is the yardstick of its memory budget.
-    """
-    sizes = saved_tensor_bytes(lambda: loss_fn(model(X), y))
-    if not sizes:
-        return 0, 0
-    return int(sum(sizes)), int(max(sizes))

@@ -14,7 +14,10 @@ its compilation happens in the warm-up and is recorded as ``compile_s``, not tim
 
 Timing: after warm-up, rounds run every method once in turn; each method's time is divided by
 the gradient time *of the same round* and the median over rounds is reported (paired ratios
-cancel slow drifts of a shared machine). CUDA is synchronised around every timed call.
+cancel slow drifts of a shared machine). CUDA is synchronised around every timed call. On
+CPU the worker switches glibc into reusing freed memory before anything is timed (what
+curvkit's first CPU pass does; ``curvkit/cpu_memory.py``), so the gradient, the peers and
+curvkit run under one allocator mode (``cpu_reuse_freed_memory`` in the JSON).
 Peak memory: on CUDA the allocator's peak above the memory held before the call; on CPU the
 growth of the process's resident-set high-water mark (``VmHWM``, reset through
 ``/proc/self/clear_refs``) with glibc told to return freed blocks to the OS (so the RSS
@@ -407,6 +410,11 @@ def measure(spec: dict) -> dict:
     device = torch.device(spec["device"])
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    # the allocator mode curvkit's first CPU pass switches the process into, from the start,
+    # so the gradient and every peer are timed under it too (curvkit/cpu_memory.py)
+    from curvkit.cpu_memory import reuse_freed_memory
+
+    reused = reuse_freed_memory(device)
     model, loss_fn, X, y, desc = make_problem(spec["model"], spec["batch"], spec["sizes"], device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -423,6 +431,7 @@ def measure(spec: dict) -> dict:
         "model": spec["model"],
         "description": desc,
         "batch": spec["batch"],
+        "cpu_reuse_freed_memory": reused,
         "num_params": sum(p.numel() for p in model.parameters()),
         "methods": {},
     }

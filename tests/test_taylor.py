@@ -231,6 +231,14 @@ def test_chunks_within_a_memory_budget_and_row_major_probes():
     assert rel_err(grouped, expected.view(3, 2).sum(1)) < TOL
     default = _taylor_op(case)
     assert 1 <= default.taylor_chunk_size <= default.max_probes_per_chunk
+    memory = default.taylor_memory
+    assert memory["gradient"] > 0 and memory["per_probe"] > 0
+    # a budget of the fixed part and three probes: three probes per pass
+    budget = memory["base"] + 3 * memory["per_probe"]
+    three = _taylor_op(case, memory_budget=budget)
+    assert three.taylor_memory == memory  # measured, not guessed: the same on a new operator
+    assert three.taylor_chunk_size == 3
+    assert rel_err(three.quadratic_form(V), expected) < TOL
 
 
 def test_train_batchnorm_buffers_are_unchanged():

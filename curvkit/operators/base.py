@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.autodiff import check_finite
+from curvkit.cpu_memory import reuse_freed_memory
 from curvkit.data import Batches, loss_reduction, move_to
 from curvkit.linop import LinearOperator, group_sums
 
@@ -333,6 +334,7 @@ class CurvatureOperator(LinearOperator):
         stage = self._staging_buffer(V, step)
         self._product_start()
         try:
+            reuse_freed_memory(self.device)
             with preserved_state(self.model, self.device):
                 for b, (X, y, weight) in enumerate(self._iter_batches()):
                     for s, e, rows in self._probe_rows(V, step, stage):

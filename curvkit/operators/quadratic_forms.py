@@ -19,13 +19,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvkit.autodiff import check_finite, chunk_size_for, differentiable_attention
+from curvkit.autodiff import check_finite, chunk_size_for, gradient
+from curvkit.cpu_memory import reuse_freed_memory
+from curvkit.live_memory import peak_allocated_bytes
 from curvkit.operators.base import preserved_state
-from curvkit.taylor import (
-    TaylorUnsupportedError,
-    forward_activation_bytes,
-    taylor_quadratic_forms,
-)
+from curvkit.taylor import TaylorUnsupportedError, taylor_quadratic_forms
 
 __all__ = [
     "QUADRATIC_FORM_METHODS",
@@ -38,12 +36,9 @@ __all__ = [
 QUADRATIC_FORM_METHODS = ("auto", "taylor", "hvp")
 #: most probes the ``"auto"`` trial runs per method (rounded to whole groups)
 TRIAL_PROBES = 8
-#: Taylor mode's peak memory per probe of a chunk, in multiples of the largest tensor a
-#: forward pass saves (measured on the benchmark ResNet and transformer: 9-21)
-TAYLOR_LIVE_TENSORS = 12
-#: default Taylor-mode memory budget, in multiples of the bytes a forward pass saves (a
-#: gradient's peak is about twice those)
-TAYLOR_BUDGET_FACTOR = 4
+#: default Taylor-mode memory budget, in multiples of one gradient's peak memory (the target
+#: is 4; the measured peak is a floor that came within 15% of the resident-set growth)
+TAYLOR_BUDGET_FACTOR = 3.5
 #: most probes per Taylor-mode pass unless the operator says otherwise
 TAYLOR_MAX_PROBES = 16
 
@@ -82,7 +77,7 @@ class TaylorQuadraticForms:
         self.quadratic_form_method = method
         self.quadratic_form_choice: str | None = None if method == "auto" else method
         self.quadratic_form_trial: dict[str, float | str] = {}
-        self._activation_bytes: tuple[int, int] | None = None
+        self._taylor_memory: dict[str, int] | None = None
 
     def _taylor_max_probes(self) -> int:
         return TAYLOR_MAX_PROBES
@@ -105,18 +100,52 @@ class TaylorQuadraticForms:
     @property
     def taylor_chunk_size(self) -> int:
         """Probes per Taylor-mode pass: at most ``_taylor_max_probes()``, and what fits in
-        the operator's memory budget or, without one, in ``TAYLOR_BUDGET_FACTOR`` times the
-        activations a forward pass saves (about twice a gradient's peak memory). A group of
-        collapsed probes is propagated in one pass, so a larger group overrides this."""
-        if self._activation_bytes is None:
-            X, y = self._prepare(*self.batches.first())
-            with preserved_state(self.model, self.device), differentiable_attention():
-                self._activation_bytes = forward_activation_bytes(self.model, self.loss_fn, X, y)
-        total, largest = self._activation_bytes
+        the operator's memory budget or, without one, in ``TAYLOR_BUDGET_FACTOR`` times one
+        gradient's peak memory. Sized from the measured peaks of one gradient and of passes
+        with one and two probes (``taylor_memory``). A group of collapsed probes is
+        propagated in one pass, so a larger group overrides this."""
+        memory = self.taylor_memory
         budget = self._taylor_memory_budget()
         if budget is None:
-            budget = TAYLOR_BUDGET_FACTOR * total
-        return chunk_size_for(TAYLOR_LIVE_TENSORS * largest, budget, self._taylor_max_probes())
+            budget = int(TAYLOR_BUDGET_FACTOR * memory["gradient"])
+        return chunk_size_for(
+            memory["per_probe"], budget - memory["base"], self._taylor_max_probes()
+        )
+
+    @property
+    def taylor_memory(self) -> dict[str, int]:
+        """Measured peak bytes (``curvkit.live_memory``) on the first batch: ``gradient``
+        (one eager gradient), ``per_probe`` (what each probe of a Taylor-mode pass adds)
+        and ``base`` (a pass's fixed part). Measured at the first use."""
+        if self._taylor_memory is None:
+            X, y = self._prepare(*self.batches.first())
+            with preserved_state(self.model, self.device):
+                grad = peak_allocated_bytes(
+                    lambda: gradient(self.loss_fn(self.model(X), y), self.params, False)
+                )
+                one, two = (self._taylor_pass_peak(X, y, k) for k in (1, 2))
+            per_probe = max(two - one, 1)
+            self._taylor_memory = {
+                "gradient": grad,
+                "per_probe": per_probe,
+                "base": max(one - per_probe, 0),
+            }
+        return self._taylor_memory
+
+    def _taylor_pass_peak(self, X: Any, y: Tensor, K: int) -> int:
+        probes = [p.detach().expand(K, *p.shape).clone() for p in self.params]
+        return peak_allocated_bytes(
+            lambda: taylor_quadratic_forms(
+                self.model,
+                self.loss_fn,
+                X,
+                y,
+                1.0,
+                self.params,
+                probes,
+                gauss_newton=self._taylor_gauss_newton,
+            )  # fmt: skip
+        )
 
     def _taylor_forms(self, V: Tensor, group_size: int) -> Tensor:
         """Group sums of ``v_k^T A v_k`` by Taylor mode, ``(K // group_size,)``."""
@@ -124,6 +153,7 @@ class TaylorQuadraticForms:
         step = min(K, max(1, self.taylor_chunk_size // group_size) * group_size)
         stage = self._staging_buffer(V, step)
         sums = torch.zeros(K // group_size, dtype=self.dtype, device=self.device)
+        reuse_freed_memory(self.device)
         with preserved_state(self.model, self.device):
             for X, y, weight in self._iter_batches():
                 for s, e, rows in self._probe_rows(V, step, stage):

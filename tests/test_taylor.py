@@ -405,3 +405,29 @@ def test_a_tensor_attribute_without_a_rule_is_reported():
     expected = (V * (auto @ V)).sum(0)
     assert rel_err(auto.quadratic_form(V), expected) < TOL
     assert auto.quadratic_form_choice == "hvp"
+
+
+@pytest.mark.parametrize("shape", [(5,), (3, 5), (2, 3, 5)])
+def test_linear_rule_matches_the_generic_bilinear_rule(shape):
+    """``F.linear``'s batched-product rule against ``vmap`` of the bilinear map, with jets
+    (second orders included) in every combination of input, weight and bias."""
+    from curvkit.taylor import Jet, _add, _bilinear, _linear_jet
+
+    g = torch.Generator().manual_seed(1)
+    K, m = 4, 2
+
+    def jet(*s):
+        def r(*t):
+            return torch.randn(*t, generator=g, dtype=DTYPE)
+
+        return Jet(r(*s), r(K, *s), r(K // m, *s), K, m)
+
+    for combo in range(1, 8):
+        x = jet(*shape) if combo & 1 else torch.randn(*shape, generator=g, dtype=DTYPE)
+        W = jet(6, 5) if combo & 2 else torch.randn(6, 5, generator=g, dtype=DTYPE)
+        b = jet(6) if combo & 4 else torch.randn(6, generator=g, dtype=DTYPE)
+        fast, generic = _linear_jet(x, W, b), _add(_bilinear(F.linear, x, W), b)
+        for order in ("x0", "x1", "x2"):
+            a, r = getattr(fast, order), getattr(generic, order)
+            assert a.shape == r.shape
+            assert torch.allclose(a, r, rtol=1e-12, atol=1e-12), (combo, order)

@@ -850,12 +850,60 @@ def _batch_norm(func, args, kwargs):
         # batch statistics: what the training loss sees; running statistics are not updated
         out = _normalise(x, tuple(d for d in range(x.ndim) if d != 1), eps)
     else:
-        out = _mul(_add(x, rm.reshape(view), -1.0), torch.rsqrt(rv.reshape(view) + eps))
+        return _batch_norm_eval(x, rm, rv, w, b, eps)
     if w is not None:
         out = _mul(out, w.reshape(view))
     if b is not None:
         out = _add(out, b.reshape(view))
     return out
+
+
+def _batch_norm_eval(x: Jet, rm: Tensor, rv: Tensor, w, b, eps: float) -> Jet:
+    """Eval-mode BatchNorm, an affine map of ``x`` per channel whose scale and shift are
+    jets when ``w`` and ``b`` are: ``y1 = x1 s + xhat0 w1 + b1`` in two passes over a
+    probe's activations, and the cross terms ``2 sum_k x1_k w1_k / std`` in one (the
+    generic products and sums took seven)."""
+    K, m = x.K, x.m
+    G = K // m
+    C = x.shape[1]
+    view = (1, C) + (1,) * (x.ndim - 2)
+
+    def channels(t: Tensor | None, n: int) -> Tensor | None:  # (n, C) -> (n, 1, C, 1, ...)
+        return None if t is None else t.reshape(n, *view)
+
+    inv = torch.rsqrt(rv + eps)
+    w0, b0 = _p0(w), _p0(b)
+    y0 = F.batch_norm(x.x0, rm, rv, w0, b0, False, 0.0, eps)
+    scale = inv if w0 is None else inv * w0
+    needs_xhat = isinstance(w, Jet) and (w.x1 is not None or w.x2 is not None)
+    xhat0 = (x.x0 - rm.reshape(view)) * inv.reshape(view) if needs_xhat else None
+    w1, w2 = (w.x1, w.x2) if isinstance(w, Jet) else (None, None)
+    b1, b2 = (b.x1, b.x2) if isinstance(b, Jet) else (None, None)
+
+    def order(n: int, xt: Tensor | None, wt: Tensor | None, bt: Tensor | None):
+        y = None
+        if xt is not None:
+            sv = scale.reshape(view)
+            y = xt * sv if bt is None else torch.addcmul(channels(bt, n), xt, sv)
+        elif bt is not None:
+            y = channels(bt, n).expand(n, *y0.shape).clone()
+        if wt is not None:
+            term = channels(wt, n)
+            y = xhat0 * term if y is None else y.addcmul_(xhat0, term)
+        return y
+
+    y1 = order(K, x.x1, w1, b1)
+    y2 = order(G, x.x2, w2, b2)
+    if x.x1 is not None and w1 is not None and _second_order():
+        c = channels(2 * w1 * inv, K)
+        if y2 is None:
+            y2 = x.x1[0::m] * c[0::m]
+            start = 1
+        else:
+            start = 0
+        for j in range(start, m):  # the group sums, one probe of every group at a time
+            y2.addcmul_(x.x1[j::m], c[j::m])
+    return _make(y0, y1, y2, K, m)
 
 
 def _attention_scores_mask(L: int, S: int, attn_mask, is_causal: bool, like: Tensor):

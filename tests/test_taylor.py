@@ -88,22 +88,27 @@ class CausalAttention(nn.Module):
 
 
 class ConvZoo(nn.Module):
-    """Strided convolution with bias, eval BatchNorm2d, a residual sum, average, max and
-    adaptive pooling, SiLU and sigmoid."""
+    """Strided convolution with bias, eval BatchNorm2d (affine and not), a residual sum,
+    average, max and adaptive pooling, SiLU and sigmoid."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(2, 3, 3, stride=2, padding=1)
         self.bn = nn.BatchNorm2d(3).eval()
         self.conv2 = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(3, affine=False).eval()
         self.head = nn.Linear(3 * 2 * 2 + 3 + 3 * 2 * 2, 2)
         with torch.no_grad():
             self.bn.running_mean.normal_()
             self.bn.running_var.uniform_(0.5, 2.0)
+            self.bn.weight.normal_()
+            self.bn.bias.normal_()
+            self.bn2.running_mean.normal_()
+            self.bn2.running_var.uniform_(0.5, 2.0)
 
     def forward(self, x):
         h = F.silu(self.bn(self.conv1(x)))  # (N, 3, 4, 4)
-        h = torch.sigmoid(self.conv2(h)) + h
+        h = torch.sigmoid(self.bn2(self.conv2(h))) + h
         a = F.avg_pool2d(h, 2).flatten(1)  # (N, 12)
         m, _ = F.adaptive_max_pool2d(h, 1, return_indices=True)
         p, _ = F.max_pool2d(h, 2, 2, 0, 1, False, True)  # return_indices by position
@@ -169,6 +174,7 @@ def test_more_rules_match_the_oracle(name):
     expected = _oracle_forms(H, V)
     assert rel_err(op.quadratic_form(V), expected) < TOL
     assert rel_err(op.quadratic_form(V, group_size=2), expected.reshape(2, 2).sum(1)) < TOL
+    assert rel_err(op.quadratic_form(V, group_size=4), expected.sum().reshape(1)) < TOL
 
 
 # ---------------------------------------------------------------------- operator behaviour

@@ -748,8 +748,28 @@ def _log_softmax(func, args, kwargs):
 
 
 def _softmax(func, args, kwargs):
-    ls = _log_softmax_jet(args[0], _softmax_dim(args, kwargs))
-    return _unary_apply(ls, *_derivatives("exp", ls.x0, {}))
+    return _softmax_jet(args[0], _softmax_dim(args, kwargs))
+
+
+def _softmax_jet(x: Jet, dim: int) -> Jet:
+    """``softmax = exp(log_softmax)``: with ``l1 = x1 - <p, x1>``, ``y1 = p l1`` and
+    ``y2 = p (l2 + sum_k l1_k^2)`` where ``l2 = x2 - <p, x2> - sum_k <p, l1_k^2>``; about
+    six passes per probe (composing the two rules took twelve)."""
+    p = torch.softmax(x.x0, dim)
+    d = _shift(dim)
+    y1 = y2 = None
+    if x.x1 is not None:
+        l1 = x.x1 - (p * x.x1).sum(d, keepdim=True)
+        if _second_order():
+            q = _group_sum(l1 * l1, x.m)
+            y2 = q - (p * q).sum(d, keepdim=True)
+        y1 = l1.mul_(p)
+    if x.x2 is not None:
+        l2 = x.x2 - (p * x.x2).sum(d, keepdim=True)
+        y2 = l2 if y2 is None else y2.add_(l2)
+    if y2 is not None:
+        y2 = y2.mul_(p) if y2.shape[1:] == p.shape else y2 * p
+    return _make(p, y1, y2, x.K, x.m)
 
 
 def _cross_entropy(func, args, kwargs):

@@ -781,9 +781,56 @@ def _cross_entropy(func, args, kwargs):
     if target.is_floating_point():
         raise TaylorUnsupportedError("cross_entropy with class-probability targets")
     _reject_deprecated_reduction(bound, "cross_entropy")
-    ls = _log_softmax_jet(x, 1 if x.ndim > 1 else 0)
-    kw = {k: bound[k] for k in ("weight", "ignore_index", "reduction") if k in bound}
-    return _linear(F.nll_loss, (ls, target), kw)
+    if isinstance(bound.get("weight"), Jet):
+        raise TaylorUnsupportedError("cross_entropy with Taylor-mode class weights")
+    return _cross_entropy_jet(
+        x,
+        target,
+        bound.get("weight"),
+        bound.get("ignore_index", -100),
+        bound.get("reduction", "mean"),
+    )
+
+
+def _cross_entropy_jet(x: Jet, target: Tensor, weight, ignore_index: int, reduction: str):
+    """Cross-entropy with class targets from per-sample reductions only: with
+    ``s_i = <p, x_i>`` and ``c`` the per-sample coefficients of the reduction,
+    ``L1 = sum c (s1 - x1[y])`` and ``L2 = sum c (s2 - x2[y] + sum_k Var_p(x1_k))``; no
+    ``(K, N, classes)`` log-softmax is formed (two passes per probe over the logits)."""
+    x0 = x.x0
+    dim = 1 if x0.ndim > 1 else 0
+    d = _shift(dim)
+    y0 = F.cross_entropy(x0, target, weight, ignore_index=ignore_index, reduction=reduction)
+    keep = target != ignore_index
+    safe = torch.where(keep, target, torch.zeros_like(target))
+    c = keep.to(x0.dtype)
+    if weight is not None:
+        c = c * weight[safe]
+    if reduction == "mean":
+        c = c / c.sum()
+    elif reduction not in ("sum", "none"):
+        raise ValueError(f"unknown reduction {reduction!r}")
+    p = torch.softmax(x0, dim)
+    index = safe.unsqueeze(dim)  # (N, 1, ...): the target's logit of every sample
+
+    def per_sample(t: Tensor, s: Tensor) -> Tensor:  # (n, *S), (n, N, 1, ...) -> (n, N, ...)
+        picked = t.gather(d, index.expand(t.shape[0], *index.shape))
+        loss = (s - picked).squeeze(d) * c
+        return loss if reduction == "none" else loss.reshape(loss.shape[0], -1).sum(1)
+
+    y1 = y2 = None
+    if x.x1 is not None:
+        px = p * x.x1
+        s1 = px.sum(d, keepdim=True)
+        y1 = per_sample(x.x1, s1)
+        if _second_order():
+            var = _group_sum(px.mul_(x.x1).sum(d, keepdim=True) - s1 * s1, x.m)
+            y2 = var.squeeze(d) * c
+            y2 = y2 if reduction == "none" else y2.reshape(y2.shape[0], -1).sum(1)
+    if x.x2 is not None:
+        t = per_sample(x.x2, (p * x.x2).sum(d, keepdim=True))
+        y2 = t if y2 is None else y2 + t
+    return _make(y0, y1, y2, x.K, x.m)
 
 
 def _reduce(x: Jet, reduction: str):

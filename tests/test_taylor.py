@@ -437,3 +437,34 @@ def test_linear_rule_matches_the_generic_bilinear_rule(shape):
             a, r = getattr(fast, order), getattr(generic, order)
             assert a.shape == r.shape
             assert torch.allclose(a, r, rtol=1e-12, atol=1e-12), (combo, order)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(6, 4), (3, 4, 5), (4,)])
+def test_cross_entropy_rule_matches_log_softmax_and_nll(reduction, shape):
+    """The per-sample cross-entropy rule against the composition of the log-softmax rule
+    and ``nll_loss`` (a linear map), with class weights and ignored targets."""
+    from curvkit.taylor import Jet, _cross_entropy_jet, _linear, _log_softmax_jet
+
+    g = torch.Generator().manual_seed(2)
+    K, m = 4, 2
+
+    def r(*t):
+        return torch.randn(*t, generator=g, dtype=DTYPE)
+
+    x = Jet(r(*shape), r(K, *shape), r(K // m, *shape), K, m)
+    C = shape[1] if len(shape) > 1 else shape[0]
+    tshape = (shape[0], *shape[2:]) if len(shape) > 1 else ()
+    target = torch.randint(0, C, tshape, generator=g)
+    if target.ndim:
+        target.view(-1)[0] = -100  # ignored
+    weight = torch.rand(C, generator=g, dtype=DTYPE) + 0.5
+    for w in (None, weight):
+        kw = {"weight": w, "ignore_index": -100, "reduction": reduction}
+        fast = _cross_entropy_jet(x, target, w, -100, reduction)
+        dim = 1 if len(shape) > 1 else 0
+        generic = _linear(F.nll_loss, (_log_softmax_jet(x, dim), target), kw)
+        for order in ("x0", "x1", "x2"):
+            a, b = getattr(fast, order), getattr(generic, order)
+            assert a.shape == b.shape, order
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-12), order

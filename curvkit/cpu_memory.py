@@ -40,6 +40,7 @@ _M_MMAP_THRESHOLD = -3
 #: blocks up to 1 GiB come from (and return to) the heap; the heap is never trimmed on free
 _MMAP_THRESHOLD = 1 << 30
 _TRIM_THRESHOLD = (1 << 31) - 1
+_CAPPED_MMAP_THRESHOLD = 32 << 20
 
 _lock = threading.Lock()
 _active = False
@@ -71,9 +72,11 @@ def reuse_freed_memory(device: torch.device | str = "cpu") -> bool:
         return False
     with _lock:
         if not _active:
-            ok = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
-            ok &= libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
-            _active = bool(ok)
+            # glibc before 2.35 caps the mmap threshold at 32 MiB on 64-bit
+            ok = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) or libc.mallopt(
+                _M_MMAP_THRESHOLD, _CAPPED_MMAP_THRESHOLD
+            )
+            _active = bool(ok) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
     return _active
 
 

@@ -75,7 +75,7 @@ def _faults_per_64_mib(env: dict[str, str]) -> tuple[bool, int]:
 
 
 @pytest.mark.skipif(not _glibc, reason="glibc's mallopt (Linux)")
-def test_freed_memory_is_reused_after_a_pass_unless_switched_off(monkeypatch):
+def test_freed_memory_is_reused_after_a_pass_unless_switched_off():
     import os
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -85,3 +85,15 @@ def test_freed_memory_is_reused_after_a_pass_unless_switched_off(monkeypatch):
     active, faults = _faults_per_64_mib({**env, "CURVKIT_REUSE_FREED_MEMORY": "0"})
     assert not active
     assert faults > 10_000  # glibc maps (and faults) 64 MiB afresh each time
+
+
+def test_views_of_any_kind_are_not_new_memory():
+    x = torch.ones(4, 6)
+
+    def run():
+        parts = x.split(2, dim=1)  # a list of views: one schema return, three tensors
+        folded = torch.randn(3, 4, 6).matmul(torch.ones(6, 5))  # mm + _unsafe_view
+        return parts, folded
+
+    # the two factors (288 and 120 bytes) and the product (240 bytes), each once
+    assert peak_allocated_bytes(run) == 4 * (3 * 4 * 6 + 6 * 5 + 3 * 4 * 5)

@@ -222,6 +222,16 @@ def test_an_op_without_a_rule_falls_back_or_raises():
     assert auto.quadratic_form_choice == "hvp"
     assert "cumsum" in auto.quadratic_form_trial["taylor"]
     assert not auto.collapses_quadratic_forms
+    # Hutchinson on a fresh operator asks for the group size first: sizing Taylor mode
+    # fails there, and the estimate comes from v^T (A v) probe by probe
+    fresh = ck.HessianOperator(model, nn.MSELoss(), (X, y))
+    gen = torch.Generator().manual_seed(0)
+    est = ck.trace(fresh, method="hutchinson", num_matvecs=16, generator=gen)
+    assert fresh.quadratic_form_choice == "hvp" and "cumsum" in fresh.quadratic_form_trial["taylor"]
+    assert "group_size" not in est.info
+    same = ck.trace(ck.DenseOperator(H), method="hutchinson", num_matvecs=16,
+                    generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert abs(float(est.value - same.value)) < 1e-10 * abs(float(same.value))
 
 
 def test_chunks_within_a_memory_budget_and_row_major_probes():
@@ -323,6 +333,21 @@ def test_ggn_forms_by_the_linearised_model(case):
     assert rel_err(auto.quadratic_form(V), expected) < TOL
     assert auto.quadratic_form_choice in ("taylor", "hvp")
     assert all(isinstance(t, float) for t in auto.quadratic_form_trial.values())
+
+
+@pytest.mark.parametrize("name", ["causal-attention", "conv-zoo", "elementwise"])
+def test_ggn_forms_drop_every_cross_term_of_the_model(name):
+    """The linearised model through the rules the matrix does not reach (affine eval
+    BatchNorm, softmax, attention, products of jets): the dense GGN oracle."""
+    from tests.test_ggn import dense_ggn
+
+    case = _extra_case(name)
+    G = dense_ggn(case)
+    V = _probes(G.shape[0], 4, seed=8)
+    expected = _oracle_forms(G, V)
+    op = ck.GGNOperator(case.model, case.loss_fn, case.data, quadratic_form_method="taylor")
+    assert rel_err(op.quadratic_form(V), expected) < TOL
+    assert rel_err(op.quadratic_form(V, group_size=4), expected.sum().reshape(1)) < TOL
 
 
 def test_ggn_trace_by_hutchinson_collapses():

@@ -96,8 +96,18 @@ class TaylorQuadraticForms:
     @property
     def max_collapsed_group(self) -> int:
         """Largest probe group that one Taylor-mode pass holds within the memory budget
-        (estimators choose their default ``group_size`` up to it)."""
-        return self.taylor_chunk_size
+        (estimators choose their default ``group_size`` up to it). Sizing runs Taylor mode
+        on the first batch: under ``"auto"`` a model it fails on gets ``"hvp"`` and 1."""
+        if self.quadratic_form_choice == "hvp":
+            return 1
+        try:
+            return self.taylor_chunk_size
+        except Exception as err:  # as the trial: any failure of Taylor mode leaves v^T (A v)
+            if self.quadratic_form_method == "taylor":
+                raise
+            self.quadratic_form_trial["taylor"] = f"{type(err).__name__}: {str(err)[:200]}"
+            self.quadratic_form_choice = "hvp"
+            return 1
 
     @property
     def taylor_chunk_size(self) -> int:

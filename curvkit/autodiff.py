@@ -65,7 +65,6 @@ __all__ = [
     "graph_bytes",
     "graph_hvp",
     "gradient",
-    "saved_tensor_bytes",
     "write_into",
     "second_backward",
 ]
@@ -529,11 +528,12 @@ def _forward_ad(model, loss_fn, X, y, weight, params, param_names):
 
 
 # ---------------------------------------------------------------------- memory budget
-def saved_tensor_bytes(run: Callable[[], object]) -> list[int]:
-    """Bytes of each storage autograd saves while ``run()`` executes (each storage once).
+def graph_bytes(model: nn.Module, loss_fn, X, y, params: Sequence[Tensor]) -> int:
+    """Bytes autograd saves for one forward plus first backward with ``create_graph=True``.
 
-    Counted through saved-tensor hooks, so it works on every device without allocator
-    statistics.
+    Counted through saved-tensor hooks (each storage once), so it works on every device
+    without allocator statistics. It is what a probe-batched second backward has to hold
+    per probe, to first order, and is used to size probe chunks to a memory budget.
     """
     seen: dict[tuple, int] = {}
 
@@ -546,21 +546,8 @@ def saved_tensor_bytes(run: Callable[[], object]) -> list[int]:
         return t
 
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run()
-    return list(seen.values())
-
-
-def graph_bytes(model: nn.Module, loss_fn, X, y, params: Sequence[Tensor]) -> int:
-    """Bytes autograd saves for one forward plus first backward with ``create_graph=True``.
-
-    It is what a probe-batched second backward has to hold per probe, to first order, and is
-    used to size probe chunks to a memory budget.
-    """
-
-    def run() -> None:
         gradient(loss_fn(model(X), y), params, create_graph=True)
-
-    return int(sum(saved_tensor_bytes(run)))
+    return int(sum(seen.values()))
 
 
 def chunk_size_for(per_probe_bytes: int, memory_budget: int | None, max_probes: int) -> int:

@@ -413,10 +413,10 @@ def _bilinear(B: Callable, a, b, cross: Callable | None = None) -> Jet:
     b1, b2 = (b.x1, b.x2) if isinstance(b, Jet) else (None, None)
 
     def left(t):  # B(t_k, b0) for every slice k
-        return None if t is None else _batched_left(B, t, b0)
+        return None if t is None else vmap(B, in_dims=(0, None))(t, b0)
 
     def right(t):  # B(a0, t_k)
-        return None if t is None else _batched_right(B, a0, t)
+        return None if t is None else vmap(B, in_dims=(None, 0))(a0, t)
 
     # the terms are fresh tensors of one shape, so they are summed in place
     y1 = _accumulate(left(a1), right(b1))
@@ -433,14 +433,6 @@ def _accumulate(a: Tensor | None, b: Tensor | None, alpha: float = 1.0) -> Tenso
     if a is None:
         return b if alpha == 1.0 else b * alpha
     return a.add_(b, alpha=alpha)
-
-
-def _batched_left(B, t: Tensor, b0: Tensor) -> Tensor:
-    return vmap(B, in_dims=(0, None))(t, b0)
-
-
-def _batched_right(B, a0: Tensor, t: Tensor) -> Tensor:
-    return vmap(B, in_dims=(None, 0))(a0, t)
 
 
 def _cross(B, a1: Tensor, b1: Tensor, m: int) -> Tensor:

@@ -52,6 +52,11 @@ def check_quadratic_form_method(method: str) -> None:
         )
 
 
+def _failure(err: Exception) -> str:
+    """How a failed Taylor-mode attempt is recorded in ``quadratic_form_trial``."""
+    return f"{type(err).__name__}: {str(err)[:200]}"
+
+
 def relative_difference(a: list[Tensor], b: list[Tensor]) -> float:
     """Relative Frobenius distance of two lists of tensors, over all entries."""
     with torch.no_grad():
@@ -105,8 +110,7 @@ class TaylorQuadraticForms:
         except Exception as err:  # as the trial: any failure of Taylor mode leaves v^T (A v)
             if self.quadratic_form_method == "taylor":
                 raise
-            self.quadratic_form_trial["taylor"] = f"{type(err).__name__}: {str(err)[:200]}"
-            self.quadratic_form_choice = "hvp"
+            self._drop_taylor(err)
             return 1
 
     @property
@@ -198,9 +202,13 @@ class TaylorQuadraticForms:
                 RuntimeWarning,
                 stacklevel=4,
             )
-            self.quadratic_form_trial["taylor"] = f"{type(err).__name__}: {err}"
-            self.quadratic_form_choice = "hvp"
+            self._drop_taylor(err)
             return super()._quadratic_form(V, group_size)
+
+    def _drop_taylor(self, err: Exception) -> None:
+        """Use ``v^T (A v)`` from now on, recording why Taylor mode was dropped."""
+        self.quadratic_form_trial["taylor"] = _failure(err)
+        self.quadratic_form_choice = "hvp"
 
     def _quadratic_form_trial(self, V: Tensor, group_size: int) -> Tensor:
         """Time Taylor mode against ``v^T (A v)`` on the first probes; keep the faster.
@@ -223,7 +231,7 @@ class TaylorQuadraticForms:
                 lambda: self._taylor_forms(head, group_size)
             )
         except Exception as err:  # any failure of Taylor mode leaves v^T (A v), recorded
-            timings["taylor"] = f"{type(err).__name__}: {str(err)[:200]}"
+            timings["taylor"] = _failure(err)
         else:
             err = relative_difference([results["taylor"]], [results["hvp"]])
             tol = torch.finfo(self.dtype).eps ** 0.5

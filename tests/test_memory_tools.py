@@ -97,3 +97,15 @@ def test_views_of_any_kind_are_not_new_memory():
 
     # the two factors (288 and 120 bytes) and the product (240 bytes), each once
     assert peak_allocated_bytes(run) == 4 * (3 * 4 * 6 + 6 * 5 + 3 * 4 * 5)
+
+
+@pytest.mark.skipif(not _glibc, reason="glibc's mallopt (Linux)")
+def test_switching_off_before_the_first_pass_keeps_glibc_defaults():
+    code = (
+        "from curvkit import cpu_memory as m; m.set_reuse_freed_memory(False); "
+        "a = m.reuse_freed_memory(); m.set_reuse_freed_memory(True); "
+        "print(a, m.reuse_freed_memory(), m.reuse_freed_memory_active(), "
+        "m.reuse_freed_memory('meta'), m.release_freed_memory())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True", "True", "True", "True"]

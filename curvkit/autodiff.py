@@ -19,6 +19,14 @@ batch and a block of ``K`` probes given as a list of tensors shaped ``(K, *param
     ``torch.autograd.grad`` pass returns the gradient whose tangent is ``H v``. No graph is
     kept, so one product costs one forward and one backward, each with its tangent. Probes
     are processed one at a time (forward and backward are re-run per probe).
+``"reverse-over-forward"``
+    The gradient's directional derivative ``g^T v`` by curvkit's first-order forward rules
+    (:func:`curvkit.taylor.loss_directional_derivatives`, run on the live parameters under
+    autograd), then one backward of it: ``H v``. No graph is kept; one probe at a time.
+    Its graph holds each layer's input and tangent and no gradient-sized tensors, so its
+    peak memory is below double backward's (which holds the first backward's graph on top
+    of the forward's). A model with an operation the rules lack raises
+    :class:`~curvkit.taylor.TaylorUnsupportedError` (``"auto"`` then drops it).
 ``"compiled"``
     ``"forward-over-reverse"`` under ``torch.compile`` (:class:`CompiledHVP`): the vmapped
     ``jvp(grad)`` of a chunk of probes is compiled once per input signature (chunk length,
@@ -70,10 +78,16 @@ __all__ = [
 ]
 
 #: the backends that run without compilation
-EAGER_BACKENDS = ("double-backward", "batched", "forward-over-reverse", "forward-ad")
+EAGER_BACKENDS = (
+    "double-backward",
+    "batched",
+    "forward-over-reverse",
+    "forward-ad",
+    "reverse-over-forward",
+)
 BACKENDS = (*EAGER_BACKENDS, "compiled")
 #: the backends that keep no first-backward graph (and may fail where double backward works)
-FORWARD_MODE_BACKENDS = ("forward-over-reverse", "forward-ad", "compiled")
+FORWARD_MODE_BACKENDS = ("forward-over-reverse", "forward-ad", "reverse-over-forward", "compiled")
 
 
 @contextlib.contextmanager
@@ -313,6 +327,8 @@ def batch_hvp(
         compute = compiled.chunk_function(X, y, weight, params)
     elif backend == "forward-ad":
         compute, chunk_size = _forward_ad(model, loss_fn, X, y, weight, params, param_names), 1
+    elif backend == "reverse-over-forward":
+        compute, chunk_size = _reverse_over_forward(model, loss_fn, X, y, weight, params), 1
     else:
         grads = first_backward(model, loss_fn, X, y, weight, params)
         return graph_hvp(grads, params, probes, backend, chunk_size, out, accumulate)
@@ -523,6 +539,25 @@ def _forward_ad(model, loss_fn, X, y, weight, params, param_names):
                 tangent = None if g is None else fwAD.unpack_dual(g).tangent
                 col.append((torch.zeros_like(p) if tangent is None else tangent.clone())[None])
         return col
+
+    return hvp_one
+
+
+def _reverse_over_forward(model, loss_fn, X, y, weight, params):
+    """A function of one probe ``(1, *param.shape)`` returning its product."""
+    from curvkit.taylor import loss_directional_derivatives
+
+    checked = [False]
+
+    def hvp_one(probe: list[Tensor]) -> list[Tensor]:
+        (slope,) = loss_directional_derivatives(model, loss_fn, X, y, weight, params, probe)
+        if not checked[0]:
+            check_finite(slope.detach(), "the loss's directional derivative")
+            checked[0] = True
+        if not slope.requires_grad:  # g^T v constant in the parameters: H v = 0
+            return [torch.zeros_like(p)[None] for p in params]
+        grads = torch.autograd.grad(slope, params, allow_unused=True)
+        return [(torch.zeros_like(p) if g is None else g)[None] for p, g in zip(params, grads)]
 
     return hvp_one
 

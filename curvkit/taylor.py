@@ -43,7 +43,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
 
-__all__ = ["Jet", "TaylorUnsupportedError", "taylor_quadratic_forms"]
+__all__ = [
+    "Jet",
+    "TaylorUnsupportedError",
+    "loss_directional_derivatives",
+    "taylor_quadratic_forms",
+]
 
 
 class TaylorUnsupportedError(NotImplementedError):
@@ -544,8 +549,50 @@ def _elementwise(func, args, kwargs):
         or len(args) - 1 > len(_ELEMENTWISE_ARGS.get(name, ()))
     ):
         raise TaylorUnsupportedError(f"{name!r} with Taylor-mode or unexpected arguments")
+    if x.x2 is None and not _second_order() and torch.is_grad_enabled():
+        recorded = _recorded_tangent(name, x, options)
+        if recorded is not None:
+            return recorded
     y0, d1, d2 = _derivatives(name, x.x0, options)
     return _unary_apply(x, y0, d1, d2)
+
+
+def _recorded_tangent(name: str, x: Jet, options: dict) -> Jet | None:
+    """``y1 = f'(x0) x1`` through PyTorch's own backward kernel of ``f`` (e.g.
+    ``threshold_backward(x1, y0)`` for ReLU), for first-order jets under autograd
+    (:func:`loss_directional_derivatives`): the kernel's derivative saves ``x1`` and ``x0``
+    (or ``y0``, which the next layer saves anyway), where ``f'(x0) * x1`` would also save
+    ``f'(x0)`` and the intermediates that built it. ``None``: no such kernel."""
+    aten = torch.ops.aten
+    x0, x1 = x.x0, x.x1
+
+    def per_probe(t: Tensor) -> Tensor:  # the kernels take operands of one shape (oneDNN's
+        return t.unsqueeze(0).expand_as(x1)  # GELU fails on broadcast ones)
+
+    if name == "relu":
+        y0 = torch.relu(x0)
+        y1 = None if x1 is None else aten.threshold_backward(x1, per_probe(y0), 0)
+    elif name == "gelu":
+        approximate = options.get("approximate", "none")
+        y0 = F.gelu(x0, approximate=approximate)
+        y1 = None if x1 is None else aten.gelu_backward(x1, per_probe(x0), approximate=approximate)
+    elif name == "tanh":
+        y0 = torch.tanh(x0)
+        y1 = None if x1 is None else aten.tanh_backward(x1, per_probe(y0))
+    elif name == "sigmoid":
+        y0 = torch.sigmoid(x0)
+        y1 = None if x1 is None else aten.sigmoid_backward(x1, per_probe(y0))
+    elif name in _ELEMENTWISE_GENERIC and x0.requires_grad:
+        # _generic_derivatives detaches f'(x0), which would drop f'' from H v here; the
+        # Jacobian is diagonal, so f'(x0) is the gradient of the sum, kept differentiable
+        y0 = _ELEMENTWISE_GENERIC[name](x0, **options)
+        y1 = None
+        if x1 is not None:
+            (d1,) = torch.autograd.grad(y0.sum(), x0, create_graph=True)
+            y1 = d1 * x1
+    else:
+        return None
+    return _make(y0, y1, None, x.K, x.m)
 
 
 # ---------------------------------------------------------------------- layers
@@ -683,6 +730,23 @@ _POOL_ARGS = {
 }
 
 
+class _Gather(torch.autograd.Function):
+    """``src.gather(-1, index)`` whose backward keeps only ``index`` and ``src``'s shape:
+    ``Tensor.gather`` saves all of ``src``, a probe's whole pre-pooling tangent, when a
+    reverse-over-forward product records it."""
+
+    @staticmethod
+    def forward(ctx, src: Tensor, index: Tensor) -> Tensor:
+        ctx.save_for_backward(index)
+        ctx.shape = src.shape
+        return src.gather(-1, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.shape).scatter_add(-1, index, grad), None
+
+
 def _max_pool(func, args, kwargs):
     """Max pooling selects inputs: every order takes the entries ``x0`` selects."""
     x = args[0]
@@ -697,10 +761,8 @@ def _max_pool(func, args, kwargs):
     def pick(t):
         if t is None:
             return None
-        src = t.flatten(-nd)
-        return src.gather(-1, flat_idx.expand(t.shape[0], *flat_idx.shape)).reshape(
-            t.shape[0], *y0.shape
-        )
+        index = flat_idx.expand(t.shape[0], *flat_idx.shape)
+        return _Gather.apply(t.flatten(-nd), index).reshape(t.shape[0], *y0.shape)
 
     out = _make(y0, pick(x.x1), pick(x.x2), x.K, x.m)
     return (out, idx) if want_indices else out
@@ -879,6 +941,8 @@ def _layer_norm(func, args, kwargs):
     w, b, eps = bound.get("weight"), bound.get("bias"), bound.get("eps", 1e-5)
     if not isinstance(x, Jet):
         x = _as_constant_jet(x, w, b)
+    if x.x2 is None and not _second_order() and torch.is_grad_enabled():
+        return _recorded_layer_norm(x, list(shape), w, b, eps)
     dims = tuple(range(-len(shape), 0))
     out = _normalise(x, dims, eps)
     if w is not None:
@@ -886,6 +950,39 @@ def _layer_norm(func, args, kwargs):
     if b is not None:
         out = _add(out, b)
     return out
+
+
+def _recorded_layer_norm(x: Jet, shape: list[int], w, b, eps: float) -> Jet:
+    """First-order LayerNorm for reverse over forward: ``y1 = w0 (J x1) + xhat0 w1 + b1``
+    with ``J``, the normalisation's Jacobian, applied by ``native_layer_norm_backward``
+    (``J`` is symmetric, so its vector-Jacobian product is the Jacobian-vector product).
+    Its recorded derivative is PyTorch's LayerNorm double backward, which holds ``x0`` and
+    ``x1``; the generic rules hold about six activations' worth."""
+    aten = torch.ops.aten
+    x0, x1 = x.x0, x.x1
+    w0, b0 = _p0(w), _p0(b)
+    w1 = w.x1 if isinstance(w, Jet) else None
+    b1 = b.x1 if isinstance(b, Jet) else None
+    y0 = F.layer_norm(x0, shape, w0, b0, eps)
+    S = y0.shape
+    y1 = None
+    if x1 is not None:
+        with torch.no_grad():  # the double backward below accounts for their dependence on x0
+            _, mean, rstd = aten.native_layer_norm(x0, shape, None, None, eps)
+        K = x1.shape[0]
+        # the kernel reads its operands as contiguous: a stride-0 batch of K > 1 probes
+        # gave wrong results (a copy; K = 1, a reverse-over-forward product's, copies nothing)
+        per_probe = [t.unsqueeze(0).expand(K, *t.shape).contiguous() for t in (x0, mean, rstd)]
+        y1 = aten.native_layer_norm_backward(
+            x1, *per_probe[:1], shape, *per_probe[1:], None, None, [True, False, False]
+        )[0]
+        if w0 is not None:
+            y1 = y1 * w0
+    if w1 is not None:
+        y1 = _plus(y1, F.layer_norm(x0, shape, None, None, eps) * _full(w1, S))
+    if b1 is not None:
+        y1 = _plus(y1, _full(b1, S))
+    return _make(y0, y1, None, x.K, x.m)
 
 
 def _as_constant_jet(x: Tensor, *others) -> Jet:
@@ -1200,6 +1297,46 @@ def _jet_parameters(
     finally:
         for module, attr, original in swapped:
             module._parameters[attr] = original
+
+
+def loss_directional_derivatives(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Tensor], Tensor],
+    X: Any,
+    y: Tensor,
+    weight: float,
+    params: Sequence[Tensor],
+    probes: Sequence[Tensor],
+) -> Tensor:
+    """``g(theta)^T v_k`` (``g`` the gradient of ``weight * loss_fn(model(X), y)``) for every
+    probe, by first-order forward propagation, *differentiable in the parameters*.
+
+    The first-order rules run on the parameters themselves (not detached) under autograd,
+    so the backward pass of the result is a reverse-over-forward Hessian-vector product,
+    ``d (g^T v) / d theta = H v``. Its graph holds each layer's input and its tangent,
+    about twice what the gradient saves, and no gradient-sized tensors: double backward
+    holds the first backward's graph on top of the forward's.
+
+    Args:
+        probes: per parameter, ``(K, *param.shape)``; constants (not differentiated).
+
+    Returns:
+        ``(K,)``, differentiable in ``params``.
+
+    Raises:
+        TaylorUnsupportedError: the model or loss uses an operation without a rule.
+    """
+    K = probes[0].shape[0]
+    jets = [Jet(p, v.detach(), None, K, 1) for p, v in zip(params, probes)]
+    with torch.enable_grad(), _jet_parameters(model, params, jets), _linearised():
+        loss = loss_fn(model(X), y)
+    if not isinstance(loss, Jet) or loss.ndim != 0:
+        raise TaylorUnsupportedError(
+            "the loss did not depend on the parameters through known rules, or is not a scalar"
+        )
+    if loss.x1 is None:
+        return loss.x0.new_zeros(K)
+    return weight * loss.x1
 
 
 def taylor_quadratic_forms(

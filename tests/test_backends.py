@@ -76,7 +76,12 @@ def test_auto_records_a_correct_choice_per_kind():
     single = op.backend_choices["single"]
     assert op.backend == single and single in BACKENDS
     trial = op.backend_trials["single"]
-    assert set(trial) == {"double-backward", "forward-ad", "forward-over-reverse"}
+    assert set(trial) == {
+        "double-backward",
+        "forward-ad",
+        "reverse-over-forward",
+        "forward-over-reverse",
+    }
     assert isinstance(trial[single], float)
     assert all(trial[single] <= t for t in trial.values() if isinstance(t, float))
     V = _probes(H.shape[0], 4)

@@ -29,9 +29,13 @@ from curvkit.operators.quadratic_forms import (
     check_quadratic_form_method,
     relative_difference,
 )
+from curvkit.taylor import TaylorUnsupportedError
 
 __all__ = ["HessianOperator"]
 
+#: how a forward-mode backend says it cannot run a model (an op without a forward-mode
+#: rule, a transform that rejects it): double backward computes the same product instead
+_FORWARD_MODE_FAILURES = (RuntimeError, TaylorUnsupportedError)
 #: most probes a block trial of backend="auto" runs per candidate
 TRIAL_PROBES = 8
 #: interleaved timing rounds of the trial (the best time of each candidate counts)
@@ -44,7 +48,8 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
     Over several batches the operator equals the Hessian of the concatenated batch, for
     mean- and sum-reduced losses and uneven batch sizes. ``H @ V`` with ``K`` columns builds
     each batch's gradient graph once and pushes all ``K`` columns through it (except with
-    ``"forward-ad"``, which re-runs forward and backward per probe).
+    ``"forward-ad"`` and ``"reverse-over-forward"``, which re-run forward and backward per
+    probe).
 
     Train-mode BatchNorm couples the samples of a batch: there the operator is the weighted
     sum of per-batch Hessians, each with its own batch statistics (what the training loss
@@ -93,8 +98,8 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
         model, loss_fn, data, params, reduction, check_deterministic: see
             :class:`curvkit.operators.base.CurvatureOperator`.
         backend: ``"auto"`` or one of ``"double-backward"``, ``"batched"``,
-            ``"forward-over-reverse"``, ``"forward-ad"``, ``"compiled"`` (see
-            :mod:`curvkit.autodiff`).
+            ``"forward-over-reverse"``, ``"forward-ad"``, ``"reverse-over-forward"``,
+            ``"compiled"`` (see :mod:`curvkit.autodiff`).
         max_probes_per_chunk: most probes a batched backend (``"batched"``,
             ``"forward-over-reverse"``, ``"compiled"``) pushes through at once.
         memory_budget: optional cap in bytes on what one chunk of batched probes may hold;
@@ -199,10 +204,15 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
     def _candidates(self, kind: str) -> list[str]:
         if kind == "single":
             # "batched" is "double-backward" for one probe
-            names = ["double-backward", "forward-ad", "forward-over-reverse"]
+            names = [
+                "double-backward",
+                "forward-ad",
+                "reverse-over-forward",
+                "forward-over-reverse",
+            ]
         else:
-            # "forward-ad" re-runs forward and backward per probe: never faster than the
-            # loop over one reused graph for several probes
+            # "forward-ad" and "reverse-over-forward" re-run forward and backward per probe:
+            # never faster than the loop over one reused graph for several probes
             names = ["double-backward", "batched", "forward-over-reverse"]
         return [*names, "compiled"] if self.compile else names
 
@@ -263,7 +273,7 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
                     )
                 except Exception as err:
                     if name == "double-backward" or not (
-                        name == "compiled" or isinstance(err, RuntimeError)
+                        name == "compiled" or isinstance(err, _FORWARD_MODE_FAILURES)
                     ):
                         raise
                     timings[name] = _reason(err)
@@ -360,7 +370,7 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
             self._run(name, X, y, weight, probes, out, batch, accumulate)
         except Exception as err:
             if name not in FORWARD_MODE_BACKENDS or not (
-                name == "compiled" or isinstance(err, RuntimeError)
+                name == "compiled" or isinstance(err, _FORWARD_MODE_FAILURES)
             ):
                 raise
             # torch.func transforms and forward-mode AD reject some models (in-place
@@ -439,6 +449,9 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
 #: a backend whose memory grows with the probe chunk must beat the one-graph loop by this
 #: factor to be chosen: a tie in time is not worth chunk-size times the memory
 VECTORISED_MARGIN = 0.9
+#: the backend with the least memory, ``"reverse-over-forward"`` (no gradient-sized tensors
+#: in its graph), is chosen when it is within this factor of the fastest
+LEAN_MARGIN = 1.1
 #: the compiled product must beat the fastest eager candidate by this factor to be chosen:
 #: compiled code is kept only where it measurably helps
 COMPILED_MARGIN = 0.9
@@ -450,7 +463,8 @@ def choose_backend(timings: dict[str, float | str]) -> str:
     backends (``"batched"``, ``"forward-over-reverse"``: memory grows with the chunk)
     unless they take less than ``VECTORISED_MARGIN`` of its time, and ``"compiled"`` is
     chosen only if it takes less than ``COMPILED_MARGIN`` of the fastest eager candidate's
-    time."""
+    time; ``"reverse-over-forward"``, the leanest, wins when within ``LEAN_MARGIN`` of the
+    fastest eager time."""
     timed = {n: t for n, t in timings.items() if isinstance(t, float)}
     compiled = timed.pop("compiled", None)
     if not timed:
@@ -463,8 +477,12 @@ def choose_backend(timings: dict[str, float | str]) -> str:
 
 
 def _choose_eager(timed: dict[str, float]) -> str:
-    """The fastest of the eager ``timed`` candidates, with ``VECTORISED_MARGIN``."""
+    """The fastest of the eager ``timed`` candidates, with ``VECTORISED_MARGIN`` and
+    ``LEAN_MARGIN``."""
     choice = min(timed, key=timed.get)
+    lean = timed.get("reverse-over-forward")
+    if lean is not None and lean <= LEAN_MARGIN * timed[choice]:
+        return "reverse-over-forward"
     if (
         choice in ("batched", "forward-over-reverse")
         and "double-backward" in timed

@@ -308,7 +308,7 @@ def build_methods(model, loss_fn, X, y, ks, compile_grad: bool, compile_backend:
             methods[f"ggn_qf_k{k}"] = ((lambda k=k: G.quadratic_form(V_flat[k])), k)
     except (AttributeError, ImportError, TypeError):
         G = None
-    return methods, H, G, differentiable_attention, V_flat, H_compiled
+    return methods, H, H_cold, G, differentiable_attention, V_flat, H_compiled
 
 
 def _double_backward_of(model, loss_fn, X, y, v_flat: torch.Tensor) -> list[torch.Tensor]:
@@ -418,7 +418,7 @@ def measure(spec: dict) -> dict:
     model, loss_fn, X, y, desc = make_problem(spec["model"], spec["batch"], spec["sizes"], device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        methods, H, G, differentiable_attention, V_flat, H_compiled = build_methods(
+        methods, H, H_cold, G, differentiable_attention, V_flat, H_compiled = build_methods(
             model,
             loss_fn,
             X,
@@ -566,6 +566,7 @@ def measure(spec: dict) -> dict:
             extra = 0 if "_qf_" in name else (k - 1) * param_bytes
             m["memory_ratio_working"] = max(m["peak_bytes"] - extra, 0.0) / max(gmem, 1.0)
     out["curvkit_backend"] = dict(H.backend_choices)
+    out["curvkit_cold_backend"] = H_cold.backend_choices.get("single")
     out["curvkit_quadratic_form"] = H.quadratic_form_choice
     out["curvkit_quadratic_form_trial"] = {
         n: (round(t, 6) if isinstance(t, float) else t) for n, t in H.quadratic_form_trial.items()
@@ -684,7 +685,16 @@ def check_targets(summary: dict, ks: list[int], margin: float) -> list[str]:
     print("issue-4 targets:")
     want("one HessianOperator product / eager gradient (geomean)", g.get("curvkit"), 2.0)
     want("one isolated (cold) product / eager gradient (geomean)", g.get("curvkit_cold"), 2.0)
-    want("one product's peak memory / gradient's (geomean)", m.get("curvkit"), 2.0)
+    want(
+        "one isolated (cold) product's peak memory / gradient's (geomean)",
+        m.get("curvkit_cold"),
+        2.0,
+    )
+    if m.get("curvkit") is not None:  # reported, not a target: it builds what it keeps
+        print(
+            f"  info first product of a graph-keeping operator, peak memory / gradient's "
+            f"(geomean): {m['curvkit']:.2f}"
+        )
     for k in ks:
         want(f"K={k} products, per probe / eager gradient (geomean)", g.get(f"curvkit_k{k}"), 1.0)
         want(
@@ -763,8 +773,8 @@ def markdown(report: dict) -> str:
     if has_ggn:
         head += ["GGN 1", "GGN 1 cold", *[f"GGN K={k}" for k in ks]]
         head += [f"vᵀGv K={k}" for k in ks]
-    head += ["mem curvkit 1", *[f"mem K={k}*" for k in ks], "kept graph MiB"]
-    head += ["curvkit backend (1 / K / vᵀHv)"]
+    head += ["mem curvkit 1", "mem 1 cold", *[f"mem K={k}*" for k in ks], "kept graph MiB"]
+    head += ["curvkit backend (1 / cold / K / vᵀHv)"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for r in rows:
@@ -789,13 +799,14 @@ def markdown(report: dict) -> str:
         if has_ggn:
             cells += [cell("ggn"), cell("ggn_cold"), *[cell(f"ggn_k{k}") for k in ks]]
             cells += [cell(f"ggn_qf_k{k}") for k in ks]
-        cells += [cell("curvkit", "memory_ratio")]
+        cells += [cell("curvkit", "memory_ratio"), cell("curvkit_cold", "memory_ratio")]
         cells += [cell(f"curvkit_k{k}", "memory_ratio_working") for k in ks]
         kept = M.get("curvkit", {}).get("kept_graph_bytes")
         cells.append("–" if kept is None else f"{kept / 2**20:.0f}")
         b = r.get("curvkit_backend", {})
         qf_choice = r.get("curvkit_quadratic_form") or "?"
-        cells.append(f"{b.get('single', '?')} / {b.get('block', '?')} / {qf_choice}")
+        cold = r.get("curvkit_cold_backend") or "?"
+        cells.append(f"{b.get('single', '?')} / {cold} / {b.get('block', '?')} / {qf_choice}")
         lines.append("| " + " | ".join(cells) + " |")
     s = report["summary"]
     g = s["geomean_ratio"]
@@ -811,7 +822,9 @@ def markdown(report: dict) -> str:
         'method="hutchinson")` asks for them (Taylor mode collapses each group; group size '
         "2 for K=16, 8 for K=64). Probe blocks are column-major, as curvkit's estimators "
         "draw them. "
-        "mem: peak memory of a product that builds the graph / the gradient's peak; "
+        "mem curvkit 1: peak memory of the product that builds the graph the operator then "
+        "keeps / the gradient's peak; mem 1 cold: of an isolated product (cache_graph=False, "
+        "whose trial may pick the leaner reverse-over-forward); "
         "*: without the K - 1 extra result columns (the (D, K) output alone is K x the "
         "parameters). kept graph: what the operator holds between products.",
         "",

@@ -649,8 +649,18 @@ def _linear_jet(x, W, b) -> Jet:
     x1 = None if x1 is None else x1.reshape(K, M, inp)
     x2 = None if x2 is None else x2.reshape(G, M, inp)
 
+    recorded = torch.is_grad_enabled() and isinstance(W, Jet) and W.x0.requires_grad
+
     def order(n, xt, Vt, bt) -> _Accumulator:
         acc = _Accumulator(None if bt is None else bt.reshape(n, 1, out))
+        if xt is not None and recorded:
+            # under autograd: the stride-0 batch of W^T below would give W's gradient
+            # transposed, which the backward then adds to and copies strided (MLP: 0.5
+            # gradients); F.linear's backward returns it in W's own layout
+            base = F.linear(xt, W0)
+            acc = _Accumulator(base if bt is None else base.add_(bt.reshape(n, 1, out)))
+            acc.owned = True
+            xt = None
         if Vt is not None:
             acc.add(flat0.expand(n, M, inp), Vt.transpose(1, 2))
         if xt is not None:

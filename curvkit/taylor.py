@@ -47,6 +47,7 @@ __all__ = [
     "Jet",
     "TaylorUnsupportedError",
     "loss_directional_derivatives",
+    "output_tangents",
     "taylor_quadratic_forms",
 ]
 
@@ -1347,6 +1348,37 @@ def loss_directional_derivatives(
     if loss.x1 is None:
         return loss.x0.new_zeros(K)
     return weight * loss.x1
+
+
+def output_tangents(
+    model: nn.Module, X: Any, params: Sequence[Tensor], probes: Sequence[Tensor]
+) -> tuple[Tensor, Tensor | None]:
+    """The model's output with its autograd graph, and its Jacobian-vector products.
+
+    One forward pass of first-order jets on the live parameters: ``x0`` records the graph
+    that a vector-Jacobian product ``J^T u`` runs back through, ``x1`` carries ``J v_k``.
+
+    Args:
+        probes: per parameter, ``(K, *param.shape)``.
+
+    Returns:
+        ``(out, JV)``: ``out`` ``(N, *O)`` with its graph, ``JV`` ``(K, N, *O)`` detached
+        (``None``: the output does not depend on the parameters).
+
+    Raises:
+        TaylorUnsupportedError: the model uses an operation without a rule, or does not
+            return one tensor.
+    """
+    K = probes[0].shape[0]
+    jets = [Jet(p, v.detach(), None, K, 1) for p, v in zip(params, probes)]
+    with torch.enable_grad(), _jet_parameters(model, params, jets), _linearised():
+        out = model(X)
+    if not isinstance(out, Jet):
+        raise TaylorUnsupportedError(
+            f"the model returned {type(out).__name__}, not one tensor computed through known rules"
+        )
+    # the tangents' own graph (x1 was computed from recorded x0's) is released here
+    return out.x0, None if out.x1 is None else out.x1.detach()
 
 
 def taylor_quadratic_forms(

@@ -71,12 +71,14 @@ def rel(a: Tensor, b: Tensor) -> float:
 SPEC_IDS = case_ids()
 
 
-@pytest.mark.parametrize("backend", ["double-vjp", "forward"])
+@pytest.mark.parametrize("backend", ["double-vjp", "forward", "taylor-jvp", "auto"])
 @pytest.mark.parametrize("index", range(len(CASE_SPECS)), ids=SPEC_IDS)
 def test_ggn_matches_dense_oracle(index: int, backend: str) -> None:
     case = make_case(*CASE_SPECS[index])
     G_dense = dense_ggn(case)
-    G = ck.GGNOperator(case.model, case.loss_fn, case.data, backend=backend)
+    # auto without a kept graph: Taylor-mode J V for vectors, double VJP for the blocks
+    cache = backend != "auto"
+    G = ck.GGNOperator(case.model, case.loss_fn, case.data, backend=backend, cache_graph=cache)
     assert G.is_psd and G.is_symmetric
     expect_fallback = backend == "forward" and case.couples_samples
     with pytest.warns(RuntimeWarning) if expect_fallback else contextlib.nullcontext():
@@ -172,3 +174,46 @@ def test_errors() -> None:
     G = ck.GGNOperator(case.model, Coupled(), case.data)
     with pytest.raises(ValueError, match="couples the samples"):
         G.diagonal()
+
+
+def test_auto_takes_taylor_jvp_where_no_graph_is_kept() -> None:
+    one = make_case("layernorm-gelu", "ce-mean", [4])
+    G_dense = dense_ggn(one)
+    v = torch.randn(G_dense.shape[0], 3, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+    cold = ck.GGNOperator(one.model, one.loss_fn, one.data, cache_graph=False)
+    assert rel(cold @ v[:, 0], G_dense @ v[:, 0]) < TOL and cold.backend == "taylor-jvp"
+    assert rel(cold @ v, G_dense @ v) < TOL and cold.backend == "taylor-jvp"  # chunks of 2
+    kept = ck.GGNOperator(one.model, one.loss_fn, one.data)
+    assert rel(kept @ v[:, 0], G_dense @ v[:, 0]) < TOL and kept.backend == "double-vjp"
+    two = make_case("layernorm-gelu", "ce-mean", [4, 3])
+    G_two = dense_ggn(two)
+    several = ck.GGNOperator(two.model, two.loss_fn, two.data)
+    assert rel(several @ v[:, :2], G_two @ v[:, :2]) < TOL and several.backend == "taylor-jvp"
+
+
+@pytest.mark.parametrize("name", ["causal-attention", "conv-zoo", "elementwise"])
+def test_taylor_jvp_through_the_other_rules(name) -> None:
+    from tests.test_taylor import _extra_case
+
+    case = _extra_case(name)
+    G_dense = dense_ggn(case)
+    V = torch.randn(G_dense.shape[0], 3, generator=torch.Generator().manual_seed(2), dtype=DTYPE)
+    G = ck.GGNOperator(case.model, case.loss_fn, case.data, backend="taylor-jvp")
+    assert rel(G @ V, G_dense @ V) < TOL
+    assert G.backend == "taylor-jvp" and G.backend_fallback_reason is None
+
+
+def test_taylor_jvp_falls_back_without_a_rule() -> None:
+    case = make_case("mlp-tanh", "mse-mean", [4])
+    case.model[1] = nn.Hardswish()  # no Taylor-mode rule
+    G_dense = dense_ggn(case)
+    v = torch.randn(G_dense.shape[0], generator=torch.Generator().manual_seed(3), dtype=DTYPE)
+    auto = ck.GGNOperator(case.model, case.loss_fn, case.data, cache_graph=False)
+    assert rel(auto @ v, G_dense @ v) < TOL  # silently: auto's choice
+    assert auto.backend == "double-vjp"
+    assert "TaylorUnsupportedError" in auto.backend_fallback_reason
+    assert rel(auto @ v, G_dense @ v) < TOL and auto.backend == "double-vjp"  # not retried
+    explicit = ck.GGNOperator(case.model, case.loss_fn, case.data, backend="taylor-jvp")
+    with pytest.warns(RuntimeWarning, match="using double-vjp"):
+        assert rel(explicit @ v, G_dense @ v) < TOL
+    assert explicit.backend == "double-vjp"

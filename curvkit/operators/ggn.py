@@ -49,8 +49,13 @@ from curvkit.autodiff import (
 )
 from curvkit.estimators.estimate import Estimate, exact_estimate
 from curvkit.linop import flatten_tensors
-from curvkit.operators.base import CurvatureOperator, preserved_state
+from curvkit.operators.base import (
+    CurvatureOperator,
+    _contains_train_batchnorm,
+    preserved_state,
+)
 from curvkit.operators.quadratic_forms import TaylorQuadraticForms, check_quadratic_form_method
+from curvkit.taylor import TaylorUnsupportedError, output_tangents
 
 __all__ = [
     "GGN_BACKENDS",
@@ -59,7 +64,7 @@ __all__ = [
     "output_hessian_factors",
 ]
 
-GGN_BACKENDS = ("double-vjp", "forward")
+GGN_BACKENDS = ("auto", "double-vjp", "forward", "taylor-jvp")
 
 #: default memory budget (bytes) for the per-sample VJP chunks of the exact diagonal
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
@@ -180,11 +185,20 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
         model, loss_fn, data, params, reduction, check_deterministic: see
             :class:`curvkit.operators.base.CurvatureOperator`. The model must return one
             tensor ``(N, *O)``; the loss must be a sum or mean of per-sample terms.
-        backend: how ``J V`` is computed. ``"double-vjp"`` (default): reverse mode twice, the
-            VJP ``J^T u`` differentiated w.r.t. ``u``; works on every model, including
-            train-mode BatchNorm. ``"forward"``: ``torch.func.jvp`` vmapped over the probes
-            (falls back to ``"double-vjp"`` with a warning where torch.func cannot trace the
-            model).
+        backend: how ``J V`` is computed. ``"double-vjp"``: reverse mode twice, the VJP
+            ``J^T u`` differentiated w.r.t. ``u``; works on every model, including
+            train-mode BatchNorm, and its graph serves every later product while it is
+            kept. ``"forward"``: ``torch.func.jvp`` vmapped over the probes. ``"taylor-jvp"``:
+            curvkit's first-order rules (:func:`curvkit.taylor.output_tangents`) give ``J V``
+            in the same forward pass that records the graph for ``J^T``, per chunk of probes:
+            no ``J^T u`` graph to build (an isolated product costs about one forward and
+            one backward fewer). ``"auto"`` (default): ``"taylor-jvp"`` for products whose
+            graph is not kept (``cache_graph=False``, several batches, train-mode
+            BatchNorm), ``"double-vjp"`` otherwise. A
+            forward-mode backend that fails (an op without a rule or a torch.func
+            transform) falls back to ``"double-vjp"``, with a warning unless it was
+            ``"auto"``'s choice; ``backend_fallback_reason`` says why, and ``backend`` is
+            the backend of the latest product.
         max_probes_per_chunk: most probes pushed through one batched backward. ``None``
             (default): 16 on CUDA, where batching removes launch overhead; 2 on CPU, where
             the products are compute-bound and larger chunks only cost memory (measured on
@@ -209,7 +223,7 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
         data: Any,
         params: Sequence[Tensor] | None = None,
         *,
-        backend: str = "double-vjp",
+        backend: str = "auto",
         max_probes_per_chunk: int | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         reduction: str | None = None,
@@ -233,12 +247,14 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
             check_deterministic=check_deterministic,
             psd=True,
         )
+        self.requested_backend = backend
         self.backend = backend
         if max_probes_per_chunk is None:
             max_probes_per_chunk = 16 if self.device.type == "cuda" else 2
         self.max_probes_per_chunk = max_probes_per_chunk
         self.memory_budget = int(memory_budget)
         self.backend_fallback_reason: str | None = None
+        self._taylor_failure: str | None = None  # why "taylor-jvp" cannot run this model
         self._init_quadratic_forms(quadratic_form_method)
         self._keep_graphs(cache_graph)
 
@@ -283,10 +299,35 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
             ]
         return graph
 
+    def _product_backend(self) -> str:
+        if self.requested_backend != "auto":
+            return "double-vjp" if self.backend == "double-vjp" else self.requested_backend
+        kept = self.cache_graph and not _contains_train_batchnorm(self.model)
+        if self._taylor_failure is None and not kept:
+            return "taylor-jvp"
+        return "double-vjp"
+
     def _batch_product(
         self, X, y, weight: float, probes: list[Tensor], batch: int = 0
     ) -> list[Tensor]:
+        name = self._product_backend()
+        self.backend = name
         with torch.enable_grad(), differentiable_attention():
+            if name == "taylor-jvp":
+                try:
+                    return self._taylor_jvp_product(X, y, weight, probes)
+                except TaylorUnsupportedError as err:
+                    self._taylor_failure = self.backend_fallback_reason = (
+                        f"{type(err).__name__}: {err}"
+                    )
+                    if self.requested_backend == "taylor-jvp":
+                        warnings.warn(
+                            "the Taylor-mode GGN product has no rule for an operation of this "
+                            f"model; using double-vjp instead ({str(err)[:200]})",
+                            RuntimeWarning,
+                            stacklevel=5,
+                        )
+                    self.backend = "double-vjp"
             graph = self._batch_graph(X, y, weight, batch)
             if self.backend == "forward":
                 try:
@@ -304,6 +345,25 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
                 self.clear_cache()
                 graph = self._batch_graph(X, y, weight, batch)
             return self._apply_lambda_and_vjp(graph, self._jvp_double_vjp(graph, probes))
+
+    def _taylor_jvp_product(self, X, y, weight: float, probes: list[Tensor]) -> list[Tensor]:
+        """``J^T Lambda J V`` with ``J V`` from the forward pass that records ``J^T``'s graph,
+        one pass per chunk of probes (:func:`curvkit.taylor.output_tangents`)."""
+        K, c = probes[0].shape[0], self.max_probes_per_chunk
+        pieces = []
+        for s in range(0, K, c):
+            chunk = [v[s : s + c] for v in probes]
+            out, JV = output_tangents(self.model, X, self.params, chunk)
+            out = _as_output_tensor(out)
+            out_d = out.detach().requires_grad_(True)
+            loss = weight * self.loss_fn(out_d, y)
+            check_finite(loss.detach(), "the loss")
+            (g,) = torch.autograd.grad(loss, out_d, create_graph=True)
+            graph = _GGNGraph(out, out_d, g if g.requires_grad else None)
+            if JV is None:  # the output does not depend on the parameters
+                JV = out.new_zeros(chunk[0].shape[0], *out.shape)
+            pieces.append(self._apply_lambda_and_vjp(graph, JV))
+        return [torch.cat(parts) for parts in zip(*pieces)] if len(pieces) > 1 else pieces[0]
 
     def _jvp_double_vjp(self, graph: _GGNGraph, probes: list[Tensor]) -> Tensor:
         """``J V`` as ``d (J^T u) / d u`` applied to the probes; returns ``(K, *out.shape)``."""

@@ -174,6 +174,17 @@ class Jet:
     def __pow__(self, exponent):
         return _pow(self, exponent)
 
+    def __setitem__(self, index, value):
+        raise TaylorUnsupportedError(
+            "in-place item assignment on a Taylor-mode jet (x[i] = ...); write the model "
+            "out of place (torch.where, torch.cat) or use Hessian-vector products"
+        )
+
+    def __float__(self):
+        raise TaylorUnsupportedError("a Taylor-mode jet converted to a Python number")
+
+    __int__ = __index__ = __float__
+
     def __getitem__(self, index):
         return _linear(torch.Tensor.__getitem__, (self, index), {})
 
@@ -214,11 +225,40 @@ def _second_order() -> bool:
 
 @contextlib.contextmanager
 def _linearised() -> Iterator[None]:
-    _SECOND_ORDER[0] = False
+    previous, _SECOND_ORDER[0] = _SECOND_ORDER[0], False
     try:
         yield
     finally:
-        _SECOND_ORDER[0] = True
+        _SECOND_ORDER[0] = previous
+
+
+#: ``False`` while :func:`output_tangents` runs: the tangents' own autograd graph is cut at
+#: every rule's output, so it never holds more than one operation's saved tensors
+_RECORD_TANGENTS = [True]
+
+
+@contextlib.contextmanager
+def _tangents_detached() -> Iterator[None]:
+    previous, _RECORD_TANGENTS[0] = _RECORD_TANGENTS[0], False
+    try:
+        yield
+    finally:
+        _RECORD_TANGENTS[0] = previous
+
+
+@contextlib.contextmanager
+def _unsupported_as_taylor_error(what: str) -> Iterator[None]:
+    """Any failure of the model under jets (``x[i] = ...`` on a jet, ``float(jet)``, an op a
+    rule cannot batch) becomes :class:`TaylorUnsupportedError`, which callers answer with
+    a product that needs no rules."""
+    try:
+        yield
+    except TaylorUnsupportedError:
+        raise
+    except Exception as err:
+        raise TaylorUnsupportedError(
+            f"{what} failed under Taylor-mode jets ({type(err).__name__}: {err})"
+        ) from err
 
 
 def _jets(*xs) -> list[Jet]:
@@ -259,6 +299,8 @@ def _plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 
 
 def _make(y0: Tensor, y1, y2, K: int, m: int) -> Jet:
+    if not _RECORD_TANGENTS[0] and y1 is not None:
+        y1 = y1.detach()
     return Jet(y0, y1, y2, K, m)
 
 
@@ -635,7 +677,8 @@ class _Accumulator:
 def _linear_jet(x, W, b) -> Jet:
     """``F.linear`` with jets anywhere: per probe ``x1 W^T + x0 V^T + b1`` and, per group,
     ``x2 W^T + x0 V2^T + b2 + 2 sum_k x1_k V_k^T``, all as (accumulating) batched
-    products; ``x0`` and ``W`` enter them as stride-0 batches, never copied."""
+    products; ``x0`` and ``W`` enter them as stride-0 batches, never copied (except that
+    under autograd ``x1 W^T`` is ``F.linear``, see below)."""
     K, m = _meta(x, W, b)
     G = K // m
     x0, W0, b0 = _p0(x), _p0(W), _p0(b)
@@ -1339,7 +1382,12 @@ def loss_directional_derivatives(
     """
     K = probes[0].shape[0]
     jets = [Jet(p, v.detach(), None, K, 1) for p, v in zip(params, probes)]
-    with torch.enable_grad(), _jet_parameters(model, params, jets), _linearised():
+    with (
+        _unsupported_as_taylor_error("the model or loss"),
+        torch.enable_grad(),
+        _jet_parameters(model, params, jets),
+        _linearised(),
+    ):
         loss = loss_fn(model(X), y)
     if not isinstance(loss, Jet) or loss.ndim != 0:
         raise TaylorUnsupportedError(
@@ -1356,7 +1404,9 @@ def output_tangents(
     """The model's output with its autograd graph, and its Jacobian-vector products.
 
     One forward pass of first-order jets on the live parameters: ``x0`` records the graph
-    that a vector-Jacobian product ``J^T u`` runs back through, ``x1`` carries ``J v_k``.
+    that a vector-Jacobian product ``J^T u`` runs back through, ``x1`` carries ``J v_k``,
+    detached at every rule's output (its own graph would hold ``K`` activations per layer
+    for nothing).
 
     Args:
         probes: per parameter, ``(K, *param.shape)``.
@@ -1371,14 +1421,19 @@ def output_tangents(
     """
     K = probes[0].shape[0]
     jets = [Jet(p, v.detach(), None, K, 1) for p, v in zip(params, probes)]
-    with torch.enable_grad(), _jet_parameters(model, params, jets), _linearised():
+    with (
+        _unsupported_as_taylor_error("the model"),
+        torch.enable_grad(),
+        _jet_parameters(model, params, jets),
+        _linearised(),
+        _tangents_detached(),
+    ):
         out = model(X)
     if not isinstance(out, Jet):
         raise TaylorUnsupportedError(
             f"the model returned {type(out).__name__}, not one tensor computed through known rules"
         )
-    # the tangents' own graph (x1 was computed from recorded x0's) is released here
-    return out.x0, None if out.x1 is None else out.x1.detach()
+    return out.x0, out.x1
 
 
 def taylor_quadratic_forms(

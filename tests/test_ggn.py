@@ -76,7 +76,7 @@ SPEC_IDS = case_ids()
 def test_ggn_matches_dense_oracle(index: int, backend: str) -> None:
     case = make_case(*CASE_SPECS[index])
     G_dense = dense_ggn(case)
-    # auto without a kept graph: Taylor-mode J V for vectors, double VJP for the blocks
+    # auto without a kept graph: Taylor-mode J V, one forward per chunk of probes
     cache = backend != "auto"
     G = ck.GGNOperator(case.model, case.loss_fn, case.data, backend=backend, cache_graph=cache)
     assert G.is_psd and G.is_symmetric
@@ -88,6 +88,8 @@ def test_ggn_matches_dense_oracle(index: int, backend: str) -> None:
     V = torch.randn(G.shape[0], 5, generator=g, dtype=DTYPE)
     assert rel(G @ V, G_dense @ V) < TOL
     assert rel(G @ V[:, 0], G_dense @ V[:, 0]) < TOL
+    if backend in ("taylor-jvp", "auto"):  # the rules cover the whole matrix: no fallback
+        assert G.backend == "taylor-jvp" and G.backend_fallback_reason is None
     # the dense GGN of a PSD loss is PSD
     assert float(torch.linalg.eigvalsh(G_dense).min()) > -1e-12 * float(G_dense.norm())
 
@@ -217,3 +219,44 @@ def test_taylor_jvp_falls_back_without_a_rule() -> None:
     with pytest.warns(RuntimeWarning, match="using double-vjp"):
         assert rel(explicit @ v, G_dense @ v) < TOL
     assert explicit.backend == "double-vjp"
+
+
+class _ItemAssignment(nn.Module):
+    """``h[:, 0] = 0``: fine for autograd, impossible on a Taylor-mode jet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        h[:, 0] = 0.0
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("cache_graph", [True, False])
+def test_a_model_the_rules_cannot_run_keeps_the_defaults_working(cache_graph) -> None:
+    """Item assignment on a jet (a TypeError in the rules) is a TaylorUnsupportedError: the
+    Hessian trial drops reverse-over-forward, the GGN's auto uses double VJP."""
+    case = make_case("mlp-tanh", "mse-mean", [4])
+    torch.manual_seed(0)
+    case.model = _ItemAssignment().to(DTYPE)
+    G_dense, H_dense = dense_ggn(case), dense_hessian(case)
+    v = torch.randn(G_dense.shape[0], generator=torch.Generator().manual_seed(5), dtype=DTYPE)
+    H = ck.HessianOperator(case.model, case.loss_fn, case.data, cache_graph=cache_graph)
+    assert rel(H @ v, H_dense @ v) < TOL
+    assert "item assignment" in H.backend_trials["single"]["reverse-over-forward"]
+    G = ck.GGNOperator(case.model, case.loss_fn, case.data, cache_graph=cache_graph)
+    assert rel(G @ v, G_dense @ v) < TOL and G.backend == "double-vjp"
+    if not cache_graph:
+        assert "item assignment" in G.backend_fallback_reason
+
+
+def test_output_tangents_keep_no_graph_of_their_own() -> None:
+    from curvkit.taylor import output_tangents
+
+    case = make_case("layernorm-gelu", "ce-mean", [4])
+    params = case.params
+    probes = [torch.randn(3, *p.shape, dtype=DTYPE) for p in params]
+    out, JV = output_tangents(case.model, case.batches[0][0], params, probes)
+    assert out.requires_grad and not JV.requires_grad and JV.shape == (3, *out.shape)

@@ -23,19 +23,19 @@ from curvkit.autodiff import (
     graph_hvp,
     write_into,
 )
-from curvkit.operators.base import CurvatureOperator, preserved_state
+from curvkit.operators.base import (
+    CurvatureOperator,
+    _contains_train_batchnorm,
+    preserved_state,
+)
 from curvkit.operators.quadratic_forms import (
     TaylorQuadraticForms,
     check_quadratic_form_method,
     relative_difference,
 )
-from curvkit.taylor import TaylorUnsupportedError
 
 __all__ = ["HessianOperator"]
 
-#: how a forward-mode backend says it cannot run a model (an op without a forward-mode
-#: rule, a transform that rejects it): double backward computes the same product instead
-_FORWARD_MODE_FAILURES = (RuntimeError, TaylorUnsupportedError)
 #: most probes a block trial of backend="auto" runs per candidate
 TRIAL_PROBES = 8
 #: interleaved timing rounds of the trial (the best time of each candidate counts)
@@ -59,12 +59,13 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
     (``K = 1``) or a block (``K > 1``), every candidate backend runs on the first batch, is
     checked against double backward (agreement to ``sqrt(eps)`` relative; a candidate that
     errs or disagrees is dropped) and timed, best of two interleaved runs on at most 8
-    probes after a warm-up product; the fastest is cached and used from then on.
+    probes after a warm-up product; the choice is cached and used from then on.
     ``self.backend`` is the backend of the latest product (``"auto"`` before the first),
     ``self.backend_choices`` the cached choice per kind, and ``self.backend_trials`` the
     trial's seconds (or the reason a candidate was dropped). A vectorised backend, whose
     memory grows with the probe chunk, is chosen over the one-graph loop only if it is at
-    least 10% faster (:func:`choose_backend`). Results never depend on the choice beyond
+    least 10% faster, and ``"reverse-over-forward"``, the leanest, whenever it is within 10%
+    of the fastest (:func:`choose_backend`). Results never depend on the choice beyond
     rounding. Pass a backend name to skip the trial.
 
     Compiled product (``compile=True``): ``"auto"`` also tries ``"compiled"``, the
@@ -245,11 +246,12 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
         # built here (or reused) so it can be timed
         _, build_s = self._timed(lambda: self._batch_graph(X, y, weight, batch))
         reference = self._run("double-backward", X, y, weight, trial_probes, batch=batch)
-        if not self.cache_graph:  # the first build may be the process's first pass: time a warm one
+        kept = self.cache_graph and not _contains_train_batchnorm(self.model)
+        if not kept:  # the first build may be the process's first pass: time a warm one
             self._graph = None
             _, warm_s = self._timed(lambda: self._batch_graph(X, y, weight, batch))
             build_s = min(build_s, warm_s)
-        graph_charge = 0.0 if self.cache_graph else build_s * chunk / K
+        graph_charge = 0.0 if kept else build_s * chunk / K
         # every candidate writes into a result block, as a product does (a backend that
         # returned its autograd results as they are would be spared a copy the others pay)
         written = [torch.empty_like(r) for r in reference]
@@ -282,7 +284,7 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
                     )
                 except Exception as err:
                     if name == "double-backward" or not (
-                        name == "compiled" or isinstance(err, _FORWARD_MODE_FAILURES)
+                        name == "compiled" or isinstance(err, RuntimeError)
                     ):
                         raise
                     timings[name] = _reason(err)
@@ -379,12 +381,13 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
             self._run(name, X, y, weight, probes, out, batch, accumulate)
         except Exception as err:
             if name not in FORWARD_MODE_BACKENDS or not (
-                name == "compiled" or isinstance(err, _FORWARD_MODE_FAILURES)
+                name == "compiled" or isinstance(err, RuntimeError)
             ):
                 raise
             # torch.func transforms and forward-mode AD reject some models (in-place
             # buffer updates of train-mode BatchNorm under vmap, ops without forward-mode
-            # rules), compilation may fail; double backward computes the same product.
+            # rules, curvkit's TaylorUnsupportedError), compilation may fail; double
+            # backward computes the same product.
             self.backend_fallback_reason = f"{type(err).__name__}: {err}"
             warnings.warn(
                 f"{name} failed on this model; using double-backward instead ({str(err)[:200]})",

@@ -72,6 +72,7 @@ __all__ = [
     "first_backward",
     "graph_bytes",
     "graph_hvp",
+    "grad_into",
     "gradient",
     "write_into",
     "second_backward",
@@ -130,6 +131,57 @@ def gradient(loss: Tensor, params: Sequence[Tensor], create_graph: bool) -> list
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
 
+def grad_into(
+    outputs: Sequence[Tensor],
+    params: Sequence[Tensor],
+    grad_outputs: Sequence[Tensor] | None,
+    out: Sequence[Tensor],
+    accumulate: bool,
+    retain_graph: bool = False,
+) -> Sequence[Tensor]:
+    """``torch.autograd.grad(outputs, params, grad_outputs)`` written (or, with
+    ``accumulate``, added) into ``out`` (tensors shaped like ``params``) as the backward
+    produces each parameter's gradient.
+
+    A temporary hook on every parameter copies its gradient into its slot and hands the slot
+    back to autograd, so each gradient is freed as soon as it is written: the backward never
+    holds a second parameter-sized result beside ``out`` (which ``torch.autograd.grad``
+    followed by a copy does: on the MLP of the benchmark, parameters dominate and that was
+    one gradient's worth of peak memory). Parameters the outputs do not depend on get zeros
+    (or are left as they are when accumulating).
+    """
+    written = [False] * len(params)
+
+    def slot_hook(i: int):
+        def hook(g: Tensor) -> Tensor:
+            if accumulate:
+                out[i].add_(g)
+            else:
+                out[i].copy_(g)
+            written[i] = True
+            return out[i]
+
+        return hook
+
+    handles = [p.register_hook(slot_hook(i)) for i, p in enumerate(params)]
+    try:
+        torch.autograd.grad(
+            outputs,
+            params,
+            grad_outputs=grad_outputs,
+            retain_graph=retain_graph,
+            allow_unused=True,
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not accumulate:
+        for o, done in zip(out, written):
+            if not done:
+                o.zero_()
+    return out
+
+
 def second_backward(
     grads: Sequence[Tensor | GradientEdge | None],
     params: Sequence[Tensor],
@@ -173,9 +225,24 @@ def _double_backward(
     if out is None:
         out = [torch.empty((K, *p.shape), dtype=p.dtype, device=p.device) for p in params]
         accumulate = False
+    live = [
+        i
+        for i, g in enumerate(grads)
+        if g is not None and (not isinstance(g, Tensor) or g.requires_grad)
+    ]
     for k in range(K):
-        h = second_backward(grads, params, [v[k] for v in probes])
-        write_into(h, [o[k] for o in out], accumulate)
+        slots = [o[k] for o in out]
+        if not live:
+            write_into([torch.zeros_like(p) for p in params], slots, accumulate)
+            continue
+        grad_into(
+            [grads[i] for i in live],
+            params,
+            [probes[i][k] for i in live],
+            slots,
+            accumulate,
+            retain_graph=True,
+        )
     return out
 
 
@@ -328,7 +395,7 @@ def batch_hvp(
     elif backend == "forward-ad":
         compute, chunk_size = _forward_ad(model, loss_fn, X, y, weight, params, param_names), 1
     elif backend == "reverse-over-forward":
-        compute, chunk_size = _reverse_over_forward(model, loss_fn, X, y, weight, params), 1
+        return _reverse_over_forward(model, loss_fn, X, y, weight, params, probes, out, accumulate)
     else:
         grads = first_backward(model, loss_fn, X, y, weight, params)
         return graph_hvp(grads, params, probes, backend, chunk_size, out, accumulate)
@@ -543,23 +610,35 @@ def _forward_ad(model, loss_fn, X, y, weight, params, param_names):
     return hvp_one
 
 
-def _reverse_over_forward(model, loss_fn, X, y, weight, params):
-    """A function of one probe ``(1, *param.shape)`` returning its product."""
+def _reverse_over_forward(model, loss_fn, X, y, weight, params, probes, out, accumulate):
+    """One forward of first-order jets and one backward per probe, each product written
+    straight into ``out`` (:func:`grad_into`)."""
     from curvkit.taylor import loss_directional_derivatives
 
-    checked = [False]
-
-    def hvp_one(probe: list[Tensor]) -> list[Tensor]:
-        (slope,) = loss_directional_derivatives(model, loss_fn, X, y, weight, params, probe)
-        if not checked[0]:
-            check_finite(slope.detach(), "the loss's directional derivative")
-            checked[0] = True
-        if not slope.requires_grad:  # g^T v constant in the parameters: H v = 0
-            return [torch.zeros_like(p)[None] for p in params]
-        grads = torch.autograd.grad(slope, params, allow_unused=True)
+    K = probes[0].shape[0]
+    if out is None and K == 1:  # autograd's results are the product: nothing to copy
+        (slope,) = loss_directional_derivatives(model, loss_fn, X, y, weight, params, probes)
+        check_finite(slope.detach(), "the loss's directional derivative")
+        grads = (
+            torch.autograd.grad(slope, params, allow_unused=True)
+            if slope.requires_grad
+            else [None] * len(params)
+        )
         return [(torch.zeros_like(p) if g is None else g)[None] for p, g in zip(params, grads)]
-
-    return hvp_one
+    if out is None:
+        out = [torch.empty((K, *p.shape), dtype=p.dtype, device=p.device) for p in params]
+        accumulate = False
+    for k in range(K):
+        probe = [v[k : k + 1] for v in probes]
+        (slope,) = loss_directional_derivatives(model, loss_fn, X, y, weight, params, probe)
+        if k == 0:
+            check_finite(slope.detach(), "the loss's directional derivative")
+        slots = [o[k] for o in out]
+        if not slope.requires_grad:  # g^T v constant in the parameters: H v = 0
+            write_into([torch.zeros_like(p) for p in params], slots, accumulate)
+            continue
+        grad_into([slope], params, None, slots, accumulate)
+    return out
 
 
 # ---------------------------------------------------------------------- memory budget

@@ -222,3 +222,28 @@ def test_choice_prefers_the_one_graph_loop_on_a_near_tie():
         choose_backend({"double-backward": "RuntimeError: x", "batched": 2.0, "forward-ad": 3.0})
         == "batched"
     )
+
+
+def test_grad_into_writes_adds_and_zeros_what_is_unused():
+    """``grad_into`` hands each gradient's slot back to autograd: written, or added with
+    ``accumulate``; an unused parameter's slot is zeroed (or left); no hook stays behind."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    unused = torch.randn(2, generator=g, dtype=torch.float64, requires_grad=True)
+    loss = (w**3).sum()
+    expected = 3 * w.detach() ** 2
+    out = [
+        torch.full((2, 3, 4), 7.0, dtype=torch.float64),
+        torch.full((2,), 7.0, dtype=torch.float64),
+    ]
+    slots = [out[0][1], out[1]]  # a view into a larger block, as the operators pass
+    autodiff.grad_into([loss], [w, unused], None, slots, accumulate=False, retain_graph=True)
+    assert torch.allclose(out[0][1], expected) and torch.equal(
+        out[0][0], torch.full((3, 4), 7.0, dtype=torch.float64)
+    )
+    assert torch.equal(out[1], torch.zeros(2, dtype=torch.float64))
+    autodiff.grad_into([loss], [w, unused], None, slots, accumulate=True)
+    assert torch.allclose(out[0][1], 2 * expected) and torch.equal(
+        out[1], torch.zeros(2, dtype=torch.float64)
+    )
+    assert not w._backward_hooks and not unused._backward_hooks

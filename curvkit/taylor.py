@@ -1353,6 +1353,29 @@ def _jet_parameters(
             module._parameters[attr] = original
 
 
+@contextlib.contextmanager
+def _first_order_jets(
+    model: nn.Module,
+    params: Sequence[Tensor],
+    probes: Sequence[Tensor],
+    what: str,
+    record_tangents: bool,
+) -> Iterator[None]:
+    """The live ``params`` as first-order jets carrying ``probes`` (no second order, autograd
+    recording ``x0``; ``x1`` too only with ``record_tangents``); failures of the model under
+    jets become :class:`TaylorUnsupportedError` naming ``what``."""
+    K = probes[0].shape[0]
+    jets = [Jet(p, v.detach(), None, K, 1) for p, v in zip(params, probes)]
+    with (
+        _unsupported_as_taylor_error(what),
+        torch.enable_grad(),
+        _jet_parameters(model, params, jets),
+        _linearised(),
+        contextlib.nullcontext() if record_tangents else _tangents_detached(),
+    ):
+        yield
+
+
 def loss_directional_derivatives(
     model: nn.Module,
     loss_fn: Callable[[Any, Tensor], Tensor],
@@ -1381,13 +1404,7 @@ def loss_directional_derivatives(
         TaylorUnsupportedError: the model or loss uses an operation without a rule.
     """
     K = probes[0].shape[0]
-    jets = [Jet(p, v.detach(), None, K, 1) for p, v in zip(params, probes)]
-    with (
-        _unsupported_as_taylor_error("the model or loss"),
-        torch.enable_grad(),
-        _jet_parameters(model, params, jets),
-        _linearised(),
-    ):
+    with _first_order_jets(model, params, probes, "the model or loss", record_tangents=True):
         loss = loss_fn(model(X), y)
     if not isinstance(loss, Jet) or loss.ndim != 0:
         raise TaylorUnsupportedError(
@@ -1419,15 +1436,7 @@ def output_tangents(
         TaylorUnsupportedError: the model uses an operation without a rule, or does not
             return one tensor.
     """
-    K = probes[0].shape[0]
-    jets = [Jet(p, v.detach(), None, K, 1) for p, v in zip(params, probes)]
-    with (
-        _unsupported_as_taylor_error("the model"),
-        torch.enable_grad(),
-        _jet_parameters(model, params, jets),
-        _linearised(),
-        _tangents_detached(),
-    ):
+    with _first_order_jets(model, params, probes, "the model", record_tangents=False):
         out = model(X)
     if not isinstance(out, Jet):
         raise TaylorUnsupportedError(

@@ -198,13 +198,15 @@ class CurvatureOperator(LinearOperator):
         if self._graph is not None and not self._state_unchanged():
             self.clear_cache()
 
+    def _keeps_graph(self) -> bool:
+        """Whether a product's graph stays for the next: ``cache_graph`` (one batch), and no
+        train-mode BatchNorm, whose graph holds the running statistics every product
+        restores."""
+        return self.cache_graph and not _contains_train_batchnorm(self.model)
+
     def _product_done(self) -> None:
         """Called after every product: keep the graph for the next, or release it."""
-        if (
-            self.cache_graph
-            and self._graph is not None
-            and not _contains_train_batchnorm(self.model)
-        ):
+        if self._graph is not None and self._keeps_graph():
             # recorded after the product restored the buffers, so the restore itself
             # does not count as a change (train-mode BatchNorm's graph holds the running
             # statistics that the restore overwrites: not kept); a graph reused from an

@@ -49,11 +49,7 @@ from curvkit.autodiff import (
 )
 from curvkit.estimators.estimate import Estimate, exact_estimate
 from curvkit.linop import flatten_tensors
-from curvkit.operators.base import (
-    CurvatureOperator,
-    _contains_train_batchnorm,
-    preserved_state,
-)
+from curvkit.operators.base import CurvatureOperator, preserved_state
 from curvkit.operators.quadratic_forms import TaylorQuadraticForms, check_quadratic_form_method
 from curvkit.taylor import TaylorUnsupportedError, output_tangents
 
@@ -302,8 +298,7 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
     def _product_backend(self) -> str:
         if self.requested_backend != "auto":
             return "double-vjp" if self.backend == "double-vjp" else self.requested_backend
-        kept = self.cache_graph and not _contains_train_batchnorm(self.model)
-        if self._taylor_failure is None and not kept:
+        if self._taylor_failure is None and not self._keeps_graph():
             return "taylor-jvp"
         return "double-vjp"
 

@@ -23,11 +23,7 @@ from curvkit.autodiff import (
     graph_hvp,
     write_into,
 )
-from curvkit.operators.base import (
-    CurvatureOperator,
-    _contains_train_batchnorm,
-    preserved_state,
-)
+from curvkit.operators.base import CurvatureOperator, preserved_state
 from curvkit.operators.quadratic_forms import (
     TaylorQuadraticForms,
     check_quadratic_form_method,
@@ -246,7 +242,7 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
         # built here (or reused) so it can be timed
         _, build_s = self._timed(lambda: self._batch_graph(X, y, weight, batch))
         reference = self._run("double-backward", X, y, weight, trial_probes, batch=batch)
-        kept = self.cache_graph and not _contains_train_batchnorm(self.model)
+        kept = self._keeps_graph()
         if not kept:  # the first build may be the process's first pass: time a warm one
             self._graph = None
             _, warm_s = self._timed(lambda: self._batch_graph(X, y, weight, batch))

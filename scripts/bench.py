@@ -215,6 +215,24 @@ def build_methods(model, loss_fn, X, y, ks, compile_grad: bool, compile_backend:
         return torch.autograd.grad(loss_fn(model(X), y), params)
 
     methods = {"grad": (grad, 1)}
+    if any(isinstance(m, PreNormBlock) for m in model.modules()):
+        # every method is timed with attention's math kernel (fused kernels have no second
+        # derivative); this is the gradient a user's training step runs, with whichever
+        # fused kernel PyTorch picks: information, not the unit
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        fused = [
+            SDPBackend.FLASH_ATTENTION,
+            SDPBackend.EFFICIENT_ATTENTION,
+            SDPBackend.CUDNN_ATTENTION,
+            SDPBackend.MATH,
+        ]
+
+        def grad_fused_attention():
+            with sdpa_kernel(fused):
+                return torch.autograd.grad(loss_fn(model(X), y), params)
+
+        methods["grad_fused_attention"] = (grad_fused_attention, 1)
     if compile_grad:
         cmodel = torch.compile(model)
 
@@ -609,10 +627,13 @@ def grid(args) -> list[dict]:
         ks = [int(k) for k in args.ks.split(",")]
     skip = {tuple(item.split(":")) for item in (args.skip or "").split(",") if item}
     specs = []
-    for m in models:
-        for b in batches:
+    # batch-major, in the order given: with --deadline-s the first batch size is measured
+    # for every model before the next one starts
+    for b in batches:
+        for m in models:
             if (m, str(b)) in skip:
                 continue
+            compiled_here = args.compile_batches is None or b in args.compile_batches
             specs.append(
                 {
                     "model": m,
@@ -620,8 +641,8 @@ def grid(args) -> list[dict]:
                     "ks": ks,
                     "device": args.device,
                     "sizes": args.sizes,
-                    "compile": args.compile,
-                    "compile_product": args.compile_product,
+                    "compile": args.compile and compiled_here,
+                    "compile_product": args.compile_product and compiled_here,
                     "compile_backend": args.compile_backend,
                     "warmup": args.warmup,
                     "repeats": args.repeats,
@@ -635,8 +656,19 @@ def grid(args) -> list[dict]:
 
 def run_worker(spec: dict, timeout: float) -> dict:
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    # the worker imports the curvkit of this checkout, installed or not
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "PYTHONPATH": root if not path else f"{root}{os.pathsep}{path}"}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {
+            **{k: spec[k] for k in ("model", "batch")},
+            "error": f"timed out after {timeout:.0f} s",
+            "note": f"timed out after {timeout:.0f} s",
+        }
     if proc.returncode != 0:
         last = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
         return {
@@ -879,6 +911,18 @@ def markdown(report: dict) -> str:
             "product that failed ran double backward instead (`backend` and "
             "`fallback_reason` in the JSON).",
         ]
+    fused = [r for r in rows if "ratio" in r["methods"].get("grad_fused_attention", {})]
+    if fused:
+        each = ", ".join(
+            f"{r['model']} batch {r['batch']}: {r['methods']['grad_fused_attention']['ratio']:.2f}"
+            for r in fused
+        )
+        lines += [
+            "",
+            "Every method, the unit gradient included, runs attention through its math kernel "
+            "(the fused kernels have no second derivative). A gradient through the fused "
+            f"kernel PyTorch would pick, in units of that gradient: {each}.",
+        ]
     failed = [r for r in report["rows"] if "methods" not in r]
     if report["config"].get("skipped"):
         lines += ["", f"Left out by `--skip`: {report['config']['skipped']}."]
@@ -938,12 +982,25 @@ def main(argv=None) -> int:
         default="inductor",
         help="torch.compile backend of --compile-product (default: inductor)",
     )
+    p.add_argument(
+        "--compile-batches",
+        type=lambda text: [int(b) for b in text.split(",")],
+        default=None,
+        help="compile (--compile, --compile-product) only at these batch sizes (default: all)",
+    )
     p.add_argument("--out", help="JSON file to write")
     p.add_argument("--md", help="markdown table to write")
     p.add_argument("--check", action="store_true", help="exit 1 if an issue-4 target misses")
     p.add_argument("--baseline", help="JSON of an earlier run; exit 1 on regressions")
     p.add_argument("--margin", type=float, default=0.10)
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per config")
+    p.add_argument(
+        "--deadline-s",
+        type=float,
+        default=None,
+        help="seconds for the whole run: a config gets at most what is left, and none starts\n"
+        "with under 10 s left (for a leased GPU)",
+    )
     p.add_argument(
         "--skip",
         metavar="MODEL:BATCH,...",
@@ -971,9 +1028,51 @@ def main(argv=None) -> int:
     specs = grid(args)
     rows = []
     t_all = time.perf_counter()
+    models = [s["model"] for s in specs]
+
+    def write_report() -> tuple[dict, str]:
+        load = os.getloadavg() if hasattr(os, "getloadavg") else None
+        ordered = sorted(rows, key=lambda r: (models.index(r["model"]), r["batch"]))
+        report = {
+            "device": device_name(args.device),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "config": {
+                **{k: v for k, v in specs[0].items() if k not in ("model", "batch")},
+                "skipped": args.skip,
+            },
+            "command": " ".join(["python", "scripts/bench.py", *(argv or sys.argv[1:])]),
+            "load_average_after": load,
+            "wall_s": time.perf_counter() - t_all,
+            "rows": ordered,
+        }
+        report["config"]["batch_sizes"] = sorted({r["batch"] for r in rows})
+        report["summary"] = summarise(rows, specs[0]["ks"])
+        md = markdown(report)
+        # written after every row, so a run stopped at its limit keeps what it finished
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        if args.md:
+            Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.md).write_text(md)
+        return report, md
+
     for spec in specs:
+        left = args.timeout
+        if args.deadline_s is not None:
+            left = min(left, args.deadline_s - (time.perf_counter() - t_all))
+            if left < 10:
+                rows.append(
+                    {
+                        **{k: spec[k] for k in ("model", "batch")},
+                        "error": "not started: --deadline-s reached",
+                        "note": f"not started: the run's --deadline-s {args.deadline_s:.0f}",
+                    }
+                )
+                continue
         print(f"[bench] {spec['model']} batch {spec['batch']} ...", file=sys.stderr, flush=True)
-        row = run_worker(spec, args.timeout)
+        row = run_worker(spec, left)
         rows.append(row)
         if "methods" in row:
             M = row["methods"]
@@ -981,31 +1080,10 @@ def main(argv=None) -> int:
             print(f"  {row['wall_s']:.0f}s {short}", file=sys.stderr, flush=True)
         else:
             print(f"  failed: {row['error'][-500:]}", file=sys.stderr, flush=True)
-    ks = specs[0]["ks"]
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    report = {
-        "device": device_name(args.device),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "config": {
-            **{k: v for k, v in specs[0].items() if k not in ("model", "batch")},
-            "skipped": args.skip,
-        },
-        "command": " ".join(["python", "scripts/bench.py", *(argv or sys.argv[1:])]),
-        "load_average_after": load,
-        "wall_s": time.perf_counter() - t_all,
-        "rows": rows,
-    }
-    report["config"]["batch_sizes"] = sorted({r["batch"] for r in rows})
-    report["summary"] = summarise(rows, ks)
-    md = markdown(report)
+        write_report()
+    report, md = write_report()
     print(md)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-    if args.md:
-        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.md).write_text(md)
+    ks = specs[0]["ks"]
     misses = []
     if args.check:
         misses += check_targets(report["summary"], ks, args.margin)

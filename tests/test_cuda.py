@@ -1,12 +1,47 @@
-"""Device follows the parameters. Runs only where CUDA is available (never in CI)."""
+"""Every backend on a CUDA device against the CPU's dense float64 oracle.
+
+Runs only where CUDA is available (never in CI; on the leased GPU machine, see
+docs/performance.md). The models are the case matrix's, moved to the GPU in float64; the
+oracles are built on the CPU, so a device-specific kernel (cuBLAS, cuDNN, the GPU's
+``*_backward`` kernels under reverse over forward, Triton under ``"compiled"``) that
+computed something else would fail here.
+"""
+
+from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
 
 import curvkit as ck
-from tests.cases import dense_hessian, make_case, rel_err
+from curvkit.autodiff import EAGER_BACKENDS
+from tests.cases import CASE_SPECS, case_ids, dense_hessian, make_case, rel_err
+from tests.test_ggn import dense_ggn
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+TOL = 1e-10
+_DENSE: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def _oracle(case, kind: str) -> torch.Tensor:
+    """The dense Hessian or GGN on the CPU, cached per case (cases are deterministic)."""
+    key = (case.name, kind)
+    if key not in _DENSE:
+        _DENSE[key] = dense_hessian(case) if kind == "hessian" else dense_ggn(case)
+    return _DENSE[key]
+
+
+def _on_cuda(case):
+    """The case's model on the GPU; its batches stay on the CPU (moved per batch)."""
+    case.model.cuda()
+    return case.data
+
+
+def _probes(D: int, K: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(D, K, generator=g, dtype=torch.float64).cuda()
 
 
 @pytest.mark.parametrize(
@@ -25,3 +60,83 @@ def test_products_on_cuda_match_cpu_oracle(spec):
     assert out.device.type == "cuda"
     assert torch.equal(torch.cuda.get_rng_state(), rng)
     assert rel_err(out.cpu(), H_dense @ V.cpu()) < 1e-10
+
+
+@pytest.mark.parametrize("backend", [*EAGER_BACKENDS, "auto"])
+@pytest.mark.parametrize("spec", CASE_SPECS, ids=case_ids())
+def test_every_hessian_backend_on_cuda(spec, backend):
+    """H @ v and H @ V (K = 5, chunks of 2), kept graph and isolated products."""
+    case = make_case(*spec)
+    H_dense = _oracle(case, "hessian")
+    data = _on_cuda(case)
+    V = _probes(H_dense.shape[0], 5)
+    expected = (H_dense @ V.cpu()).cuda()
+    for cache_graph in (True, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # documented fallbacks
+            op = ck.HessianOperator(
+                case.model,
+                case.loss_fn,
+                data,
+                backend=backend,
+                max_probes_per_chunk=2,
+                cache_graph=cache_graph,
+            )
+            single, block = op @ V[:, 0], op @ V
+        assert single.device.type == "cuda" and block.device.type == "cuda"
+        assert rel_err(single, expected[:, 0]) < TOL
+        assert rel_err(block, expected) < TOL
+        if backend == "reverse-over-forward":  # its rules cover the matrix: no fallback
+            assert op.backend == backend and op.backend_fallback_reason is None
+
+
+@pytest.mark.parametrize("spec", CASE_SPECS, ids=case_ids())
+def test_taylor_quadratic_forms_on_cuda(spec):
+    """Per-probe and collapsed Taylor-mode vᵀHv, and the GGN's vᵀGv."""
+    case = make_case(*spec)
+    H_dense, G_dense = _oracle(case, "hessian"), _oracle(case, "ggn")
+    data = _on_cuda(case)
+    V = _probes(H_dense.shape[0], 6)
+    Vc = V.cpu()
+    for op, dense in (
+        (ck.HessianOperator(case.model, case.loss_fn, data, quadratic_form_method="taylor"), H_dense),
+        (ck.GGNOperator(case.model, case.loss_fn, data, quadratic_form_method="taylor"), G_dense),
+    ):
+        forms = (Vc * (dense @ Vc)).sum(0)
+        assert rel_err(op.quadratic_form(V).cpu(), forms) < TOL
+        sums = op.quadratic_form(V, group_size=3).cpu()
+        assert rel_err(sums, forms.reshape(2, 3).sum(1)) < TOL
+
+
+@pytest.mark.parametrize("backend", ["double-vjp", "forward", "taylor-jvp", "auto"])
+@pytest.mark.parametrize("spec", CASE_SPECS, ids=case_ids())
+def test_every_ggn_backend_on_cuda(spec, backend):
+    case = make_case(*spec)
+    G_dense = _oracle(case, "ggn")
+    data = _on_cuda(case)
+    V = _probes(G_dense.shape[0], 5)
+    expected = (G_dense @ V.cpu()).cuda()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # forward mode on train BatchNorm
+        G = ck.GGNOperator(
+            case.model, case.loss_fn, data, backend=backend, cache_graph=backend != "auto"
+        )
+        assert rel_err(G @ V, expected) < TOL
+        assert rel_err(G @ V[:, 0], expected[:, 0]) < TOL
+    if backend in ("taylor-jvp", "auto"):
+        assert G.backend == "taylor-jvp" and G.backend_fallback_reason is None
+
+
+@pytest.mark.parametrize("spec", [("mlp-tanh", "ce-mean", [3, 5]), ("cnn", "ce-mean", [4])])
+def test_compiled_backend_on_cuda(spec):
+    """torch.compile's Triton kernels: the compiled product against the oracle."""
+    case = make_case(*spec)
+    H_dense = _oracle(case, "hessian")
+    data = _on_cuda(case)
+    V = _probes(H_dense.shape[0], 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        op = ck.HessianOperator(case.model, case.loss_fn, data, backend="compiled")
+        out = op @ V
+    assert op.backend == "compiled", op.backend_fallback_reason
+    assert rel_err(out.cpu(), H_dense @ V.cpu()) < TOL

@@ -98,9 +98,10 @@ def test_taylor_quadratic_forms_on_cuda(spec):
     data = _on_cuda(case)
     V = _probes(H_dense.shape[0], 6)
     Vc = V.cpu()
+    args = (case.model, case.loss_fn, data)
     for op, dense in (
-        (ck.HessianOperator(case.model, case.loss_fn, data, quadratic_form_method="taylor"), H_dense),
-        (ck.GGNOperator(case.model, case.loss_fn, data, quadratic_form_method="taylor"), G_dense),
+        (ck.HessianOperator(*args, quadratic_form_method="taylor"), H_dense),
+        (ck.GGNOperator(*args, quadratic_form_method="taylor"), G_dense),
     ):
         forms = (Vc * (dense @ Vc)).sum(0)
         assert rel_err(op.quadratic_form(V).cpu(), forms) < TOL

@@ -939,6 +939,35 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge_reports(reports: list[dict]) -> dict:
+    """One report of several runs on one device (``--merge``)."""
+    if (
+        len({r["device"] for r in reports}) != 1
+        or len({tuple(r["config"]["ks"]) for r in reports}) != 1
+    ):
+        raise SystemExit("--merge: the runs differ in device or K; merge runs of one grid")
+    rows: dict[tuple, dict] = {}
+    for report in reports:
+        for row in report["rows"]:
+            key = (row["model"], row["batch"])
+            if "methods" in row or key not in rows:
+                rows[key] = row
+    models = list(dict.fromkeys(r["model"] for rep in reports for r in rep["rows"]))
+    merged = {
+        **reports[0],
+        "rows": sorted(rows.values(), key=lambda r: (models.index(r["model"]), r["batch"])),
+    }
+    merged["command"] = " && ".join(r["command"] for r in reports)
+    merged["wall_s"] = sum(r["wall_s"] for r in reports)
+    merged["merged_from"] = [r["command"] for r in reports]
+    merged["config"] = {
+        **reports[0]["config"],
+        "batch_sizes": sorted({r["batch"] for r in rows.values()}),
+    }
+    merged["summary"] = summarise(merged["rows"], merged["config"]["ks"])
+    return merged
+
+
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(0)
@@ -1007,7 +1036,26 @@ def main(argv=None) -> int:
         help="leave these rows out (e.g. resnet18:128, which takes >15 min on 2 CPU cores)",
     )
     p.add_argument("--render", metavar="JSON", help="only rewrite --md from an earlier JSON")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="combine runs on one device into --out/--md: a measured row of a later file\n"
+        "replaces the earlier file's row of the same model and batch",
+    )
     args = p.parse_args(argv)
+    if args.merge:
+        report = merge_reports([json.loads(Path(f).read_text()) for f in args.merge])
+        md = markdown(report)
+        print(md)
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        if args.md:
+            Path(args.md).write_text(md)
+        if args.check:
+            misses = check_targets(report["summary"], report["config"]["ks"], args.margin)
+            return 1 if misses else 0
+        return 0
     if args.worker:
         print(json.dumps(measure(json.loads(args.worker))))
         return 0

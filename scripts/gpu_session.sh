@@ -25,7 +25,7 @@ export PYTHONPATH=/tmp/site:$PWD
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
     nproc
     python3 -c "import torch, curvkit, curvlinops, backpack; print(torch.__version__, \
-torch.version.cuda, torch.cuda.get_device_name(0), curvlinops.__version__)"
+torch.version.cuda, torch.cuda.get_device_name(0))"
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 python3 -c "import curvkit, curvlinops, backpack" || exit 1

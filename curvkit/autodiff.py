@@ -618,12 +618,14 @@ def _reverse_over_forward(model, loss_fn, X, y, weight, params, probes, out, acc
     K = probes[0].shape[0]
     if out is None and K == 1:  # autograd's results are the product: nothing to copy
         (slope,) = loss_directional_derivatives(model, loss_fn, X, y, weight, params, probes)
-        check_finite(slope.detach(), "the loss's directional derivative")
         grads = (
             torch.autograd.grad(slope, params, allow_unused=True)
             if slope.requires_grad
             else [None] * len(params)
         )
+        # checked once the backward is queued: a check before it would make the host wait
+        # for the forward pass before queueing the backward's kernels
+        check_finite(slope.detach(), "the loss's directional derivative")
         return [(torch.zeros_like(p) if g is None else g)[None] for p, g in zip(params, grads)]
     if out is None:
         out = [torch.empty((K, *p.shape), dtype=p.dtype, device=p.device) for p in params]
@@ -631,13 +633,13 @@ def _reverse_over_forward(model, loss_fn, X, y, weight, params, probes, out, acc
     for k in range(K):
         probe = [v[k : k + 1] for v in probes]
         (slope,) = loss_directional_derivatives(model, loss_fn, X, y, weight, params, probe)
-        if k == 0:
-            check_finite(slope.detach(), "the loss's directional derivative")
         slots = [o[k] for o in out]
         if not slope.requires_grad:  # g^T v constant in the parameters: H v = 0
             write_into([torch.zeros_like(p) for p in params], slots, accumulate)
-            continue
-        grad_into([slope], params, None, slots, accumulate)
+        else:
+            grad_into([slope], params, None, slots, accumulate)
+        if k == 0:  # once the backward is queued (see above)
+            check_finite(slope.detach(), "the loss's directional derivative")
     return out
 
 

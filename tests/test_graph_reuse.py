@@ -274,3 +274,51 @@ def test_kept_graph_with_data_in_another_dtype_and_under_no_grad():
     assert calls[0] == 1
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     assert rel_err(first, H @ V) < 1e-6
+
+
+class _HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that make the host wait for a GPU (a value read back to Python)."""
+
+    WAITS = ("aten::equal", "aten::_local_scalar_dense", "aten::is_nonzero")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func._schema.name in self.WAITS
+        return func(*args, **(kwargs or {}))
+
+
+def _deep_bn_net(depth: int) -> torch.nn.Module:
+    layers = [m for _ in range(depth) for m in (torch.nn.Linear(6, 6), torch.nn.BatchNorm1d(6))]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(6, 3)).double().eval()
+
+
+@pytest.mark.parametrize("backend", ["double-backward", "reverse-over-forward"])
+def test_host_waits_per_product_do_not_grow_with_the_model(backend):
+    """The state checks (kept graph, buffers) compare all tensors at once: a product makes
+    the same few host synchronisations for 2 and for 30 layers with their buffers (on a
+    GPU each costs a round trip; one per tensor had cost ResNet-18 about a gradient)."""
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,))
+    counts = {}
+    for depth in (2, 30):
+        torch.manual_seed(depth)
+        model = _deep_bn_net(depth)
+        v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+        for cache_graph in (True, False):
+            H = ck.HessianOperator(
+                model,
+                torch.nn.CrossEntropyLoss(),
+                (X, y),
+                backend=backend,
+                cache_graph=cache_graph,
+                check_deterministic=False,
+            )
+            H @ v, H @ v  # the kept graph is validated from the second product on
+            with _HostSyncs() as syncs:
+                H @ v
+            counts[depth, cache_graph] = syncs.count
+    for cache_graph in (True, False):
+        assert counts[2, cache_graph] == counts[30, cache_graph] <= 6, counts

@@ -247,3 +247,51 @@ def test_grad_into_writes_adds_and_zeros_what_is_unused():
         out[1], torch.zeros(2, dtype=torch.float64)
     )
     assert not w._backward_hooks and not unused._backward_hooks
+
+
+def test_agreement_tolerance_is_tf32s_where_cuda_may_use_it(monkeypatch):
+    """sqrt(eps) of the precision products run in: TF32's for float32 convolutions on CUDA
+    (cuDNN's default) and for float32 matrix products once they are allowed TF32."""
+    from curvkit.operators.quadratic_forms import agreement_tolerance
+
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten())
+    mlp = torch.nn.Linear(3, 2)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    f32 = torch.finfo(torch.float32).eps ** 0.5
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert agreement_tolerance(conv, torch.float32, cuda) == 2.0**-5
+    assert agreement_tolerance(mlp, torch.float32, cuda) == f32  # matmul TF32 is off
+    assert agreement_tolerance(conv, torch.float32, cpu) == f32
+    assert agreement_tolerance(conv, torch.float64, cuda) == torch.finfo(torch.float64).eps ** 0.5
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert agreement_tolerance(conv, torch.float32, cuda) == f32
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert agreement_tolerance(mlp, torch.float32, cuda) == 2.0**-5
+        torch.set_float32_matmul_precision("medium")
+        assert agreement_tolerance(mlp, torch.float32, cuda) == 2.0**-3.5
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def test_trials_compare_within_the_agreement_tolerance(monkeypatch):
+    """The backend and quadratic-form trials take their tolerance from agreement_tolerance:
+    below every rounding difference, only double backward (run twice, bitwise equal on a
+    CPU) survives, and Taylor mode's forms are dropped."""
+    from curvkit.operators import quadratic_forms
+
+    monkeypatch.setattr(hessian_module, "agreement_tolerance", lambda *args: 1e-300)
+    monkeypatch.setattr(quadratic_forms, "agreement_tolerance", lambda *args: 1e-300)
+    case = make_case("mlp-tanh", "mse-sum", [3, 5, 2])
+    case.model.float()
+    data = [(X.float(), y.float()) for X, y in case.batches]
+    op = ck.HessianOperator(case.model, case.loss_fn, data, check_deterministic=False)
+    op @ torch.randn(op.shape[0])
+    trial = op.backend_trials["single"]
+    assert op.backend_choices["single"] == "double-backward"
+    dropped = [t for name, t in trial.items() if name != "double-backward"]
+    assert dropped and all(isinstance(t, str) and t.startswith("disagrees") for t in dropped)
+    op.quadratic_form(torch.randn(op.shape[0], 4))
+    assert op.quadratic_form_choice == "hvp"
+    assert op.quadratic_form_trial["taylor"].startswith("disagrees")

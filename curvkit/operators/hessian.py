@@ -26,6 +26,7 @@ from curvkit.autodiff import (
 from curvkit.operators.base import CurvatureOperator, preserved_state
 from curvkit.operators.quadratic_forms import (
     TaylorQuadraticForms,
+    agreement_tolerance,
     check_quadratic_form_method,
     relative_difference,
 )
@@ -53,7 +54,8 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
 
     Backend choice (``backend="auto"``): at the first product of each kind, a single vector
     (``K = 1``) or a block (``K > 1``), every candidate backend runs on the first batch, is
-    checked against double backward (agreement to ``sqrt(eps)`` relative; a candidate that
+    checked against double backward (agreement to ``sqrt(eps)`` relative, of TF32's eps
+    where CUDA runs float32 convolutions or matrix products in TF32; a candidate that
     errs or disagrees is dropped) and timed, best of two interleaved runs on at most 8
     probes after a warm-up product; the choice is cached and used from then on.
     ``self.backend`` is the backend of the latest product (``"auto"`` before the first),
@@ -110,7 +112,7 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
             backward pass, and the probes of a group can be collapsed), ``"hvp"``
             (``v^T (H v)`` through the backend above) or ``"auto"`` (default): at the first
             call both run on the first probes, Taylor mode is checked against ``v^T (H v)``
-            (agreement to ``sqrt(eps)`` relative) and the faster is kept
+            (agreement as for the backends) and the faster is kept
             (``quadratic_form_choice``, trial seconds or the reason Taylor mode was dropped in
             ``quadratic_form_trial``). A model with an operation Taylor mode has no rule for
             uses ``"hvp"``.
@@ -237,7 +239,7 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
         K = probes[0].shape[0]
         chunk = min(K, self.chunk_size, TRIAL_PROBES)
         trial_probes = [v[:chunk] for v in probes]
-        tol = torch.finfo(self.dtype).eps ** 0.5
+        tol = agreement_tolerance(self.model, self.dtype, self.device)
         timings: dict[str, float | str] = {}
         # built here (or reused) so it can be timed
         _, build_s = self._timed(lambda: self._batch_graph(X, y, weight, batch))

@@ -47,6 +47,7 @@ by a short timed trial without changing results.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import types
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -70,7 +71,6 @@ __all__ = [
     "chunked_into",
     "differentiable_attention",
     "first_backward",
-    "graph_bytes",
     "graph_hvp",
     "grad_into",
     "gradient",
@@ -336,6 +336,7 @@ def chunked_into(
     for s in range(0, K, chunk_size):
         res = compute([v[s : s + chunk_size] for v in probes])
         write_into(res, [o[s : s + chunk_size] for o in out], accumulate)
+        del res  # else it lives on while the next chunk is computed
     return out
 
 
@@ -644,30 +645,9 @@ def _reverse_over_forward(model, loss_fn, X, y, weight, params, probes, out, acc
 
 
 # ---------------------------------------------------------------------- memory budget
-def graph_bytes(model: nn.Module, loss_fn, X, y, params: Sequence[Tensor]) -> int:
-    """Bytes autograd saves for one forward plus first backward with ``create_graph=True``.
-
-    Counted through saved-tensor hooks (each storage once), so it works on every device
-    without allocator statistics. It is what a probe-batched second backward has to hold
-    per probe, to first order, and is used to size probe chunks to a memory budget.
-    """
-    seen: dict[tuple, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        try:
-            storage = t.untyped_storage()
-            seen[(t.device, storage.data_ptr())] = storage.nbytes()
-        except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
-            seen[(id(t),)] = t.numel() * t.element_size()
-        return t
-
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        gradient(loss_fn(model(X), y), params, create_graph=True)
-    return int(sum(seen.values()))
-
-
-def chunk_size_for(per_probe_bytes: int, memory_budget: int | None, max_probes: int) -> int:
-    """Probes per chunk: at most ``max_probes`` and within ``memory_budget`` bytes."""
-    if memory_budget is None or per_probe_bytes <= 0:
+def chunk_size_for(per_probe_bytes: int, memory_budget: float | None, max_probes: int) -> int:
+    """Probes per chunk: at most ``max_probes`` and within ``memory_budget`` bytes (``None``
+    or infinite: no cap)."""
+    if memory_budget is None or math.isinf(memory_budget) or per_probe_bytes <= 0:
         return max_probes
     return max(1, min(max_probes, int(memory_budget // per_probe_bytes)))

@@ -9,7 +9,8 @@ import torch
 
 import curvkit as ck
 from curvkit import autodiff
-from curvkit.autodiff import BACKENDS, EAGER_BACKENDS, chunk_size_for, graph_bytes
+from curvkit.autodiff import BACKENDS, EAGER_BACKENDS, chunk_size_for
+from curvkit.live_memory import peak_allocated_bytes
 from curvkit.operators import hessian as hessian_module
 from curvkit.operators.hessian import choose_backend
 from tests.cases import dense_hessian, make_case, rel_err
@@ -172,24 +173,62 @@ def test_train_batchnorm_under_forward_over_reverse_is_exact():
         assert rel_err(op @ V, H @ V) < TOL
 
 
-def test_memory_budget_sizes_chunks():
+def test_chunk_size_for():
+    assert chunk_size_for(100, None, 16) == 16
+    assert chunk_size_for(100, float("inf"), 16) == 16
+    assert chunk_size_for(100, 300, 16) == 3
+    assert chunk_size_for(100, 50, 16) == 1
+
+
+@pytest.mark.parametrize("backend", ["batched", "forward-over-reverse"])
+def test_block_products_stay_within_the_memory_budget(backend):
+    """Chunks sized from measured peaks: a K-probe product holds at most the budget beyond
+    its (D, K) result (default: 4 gradients' peak), and a larger budget takes larger chunks;
+    the products stay exact."""
     case = make_case("transformer", "ce-seq-mean", [4])
     H = _dense(case)
-    X, y = case.batches[0]
-    with autodiff.differentiable_attention():
-        G = graph_bytes(case.model, case.loss_fn, X, y, case.params)
-    assert G > 0
-    assert chunk_size_for(G, None, 16) == 16
-    assert chunk_size_for(G, 3 * G, 16) == 3
-    assert chunk_size_for(G, G // 2, 16) == 1
-    op = ck.HessianOperator(
-        case.model, case.loss_fn, case.data, backend="batched", memory_budget=2 * G
+    D, K = H.shape[0], 12
+    V = _probes(K, D).T  # column-major, as estimators draw them (a row-major block is
+    # transposed through a staging buffer of one chunk, which the budget does not cover)
+    result = (K - 1) * D * 8
+
+    def product_peak(op):
+        op @ V  # sizes the chunks
+        op.clear_cache()
+        return peak_allocated_bytes(lambda: op @ V) - result
+
+    default = ck.HessianOperator(case.model, case.loss_fn, case.data, backend=backend)
+    assert product_peak(default) <= 4 * default.gradient_peak_bytes
+    assert rel_err(default @ V, H @ V) < TOL
+    chunks = [default.chunk_sizes[backend]]
+    for factor in (8, 32):
+        budget = factor * default.gradient_peak_bytes
+        op = ck.HessianOperator(
+            case.model, case.loss_fn, case.data, backend=backend, memory_budget=budget
+        )
+        assert product_peak(op) <= budget
+        chunks.append(op.chunk_sizes[backend])
+        assert rel_err(op @ V, H @ V) < TOL
+    assert chunks == sorted(chunks) and chunks[-1] > chunks[0], chunks
+    unlimited = ck.HessianOperator(
+        case.model, case.loss_fn, case.data, backend=backend, memory_budget=float("inf")
     )
-    assert op.chunk_size == 2
-    V = _probes(H.shape[0], 5)
-    assert rel_err(op @ V, H @ V) < TOL
-    with pytest.raises(ValueError, match="memory_budget"):
-        ck.HessianOperator(case.model, case.loss_fn, case.data, memory_budget=0)
+    assert unlimited.chunk_size == 16 and rel_err(unlimited @ V, H @ V) < TOL
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="memory_budget"):
+            ck.HessianOperator(case.model, case.loss_fn, case.data, memory_budget=bad)
+
+
+def test_trial_drops_a_batched_backend_over_the_budget():
+    """A batched backend that needs more than the budget for one probe is not a candidate
+    for block products; the loop over the kept graph still is."""
+    case = make_case("mlp-tanh", "mse-sum", [3, 5, 2])
+    op = ck.HessianOperator(case.model, case.loss_fn, case.data, memory_budget=1)
+    op @ _probes(op.shape[0], 4)
+    trial = op.backend_trials["block"]
+    for name in ("batched", "forward-over-reverse"):
+        assert trial[name].startswith("one probe needs"), trial
+    assert op.backend_choices["block"] == "double-backward"
 
 
 def test_backends_agree_in_float32():

@@ -260,3 +260,27 @@ def test_output_tangents_keep_no_graph_of_their_own() -> None:
     probes = [torch.randn(3, *p.shape, dtype=DTYPE) for p in params]
     out, JV = output_tangents(case.model, case.batches[0][0], params, probes)
     assert out.requires_grad and not JV.requires_grad and JV.shape == (3, *out.shape)
+
+
+def test_block_chunk_sized_to_four_gradients() -> None:
+    """CUDA's default chunking (max_probes_per_chunk=None), forced on the CPU: the chunk is
+    measured to keep a K-probe product within 4 gradients' peak beyond its result, and
+    the products stay exact."""
+    from curvkit.live_memory import peak_allocated_bytes
+
+    case = make_case("transformer", "ce-seq-mean", [4])
+    G_dense = dense_ggn(case)
+    G = ck.GGNOperator(case.model, case.loss_fn, case.data)
+    G._block_chunk, G.max_probes_per_chunk = None, 16  # as on CUDA
+    D, K = G.shape[0], 12
+    V = torch.randn(K, D, generator=torch.Generator().manual_seed(0), dtype=DTYPE).T
+    assert rel(G @ V, G_dense @ V) < TOL
+    assert 1 <= G.block_chunk < 16 and G.chunk_memory["budget"] == 4 * G.gradient_peak_bytes
+    G.clear_cache()
+    peak = peak_allocated_bytes(lambda: G @ V) - (K - 1) * D * V.element_size()
+    assert peak <= 4 * G.gradient_peak_bytes
+    wide = ck.GGNOperator(case.model, case.loss_fn, case.data, max_probes_per_chunk=16)
+    assert wide.block_chunk == 16
+    wide @ V
+    wide.clear_cache()
+    assert peak_allocated_bytes(lambda: wide @ V) - (K - 1) * D * V.element_size() > peak

@@ -15,12 +15,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvkit.autodiff import check_finite
+from curvkit.autodiff import check_finite, chunk_size_for
 from curvkit.cpu_memory import reuse_freed_memory
 from curvkit.data import Batches, loss_reduction, move_to
 from curvkit.linop import LinearOperator, group_sums
+from curvkit.live_memory import peak_allocated_bytes
 
 __all__ = ["CurvatureOperator", "preserved_state", "resolve_params"]
+
+#: without a memory budget of their own, K products hold at most this many times one
+#: gradient's peak memory beyond their (D, K) result
+BLOCK_MEMORY_FACTOR = 4.0
 
 #: most bytes the reused product buffer of ``quadratic_form`` holds: small enough that the
 #: allocator recycles it instead of mapping (and zero-filling) fresh pages for every chunk
@@ -82,7 +87,13 @@ def flat_by_dtype(tensors: Sequence[Tensor]) -> dict[tuple, Tensor]:
 
 
 def _equal_groups(a: dict[tuple, Tensor], b: dict[tuple, Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    """Whether two ``flat_by_dtype`` results are equal, read back once per device."""
+    if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
+        return False
+    same: dict[torch.device, list[Tensor]] = {}
+    for key in a:
+        same.setdefault(a[key].device, []).append((a[key] == b[key]).all())
+    return all(bool(torch.stack(flags).all()) for flags in same.values())
 
 
 @contextlib.contextmanager
@@ -259,6 +270,44 @@ class CurvatureOperator(LinearOperator):
         graph = self._build_graph(X, y, weight)
         self._graph = (batch, X, y, graph)
         return graph
+
+    def _fit_chunk(
+        self, run: Callable[[list[Tensor]], Any], most: int, budget: float
+    ) -> tuple[int, dict[str, int]]:
+        """The largest chunk of probes (at most ``most``) whose product fits ``budget`` bytes
+        beyond its ``(D, K)`` result, and the measurements it came from.
+
+        ``run(probes)`` makes one chunk's products on the first batch; it is measured
+        (``curvkit.live_memory``) with the graph built inside, as a product that keeps none
+        does. Chunks of one and two probes give a probe's share and the fixed part; the
+        chunk they predict is measured too and shrunk while it does not fit (the share is
+        not quite linear in the chunk). A chunk's products exist once more beside the
+        result block until written into it, hence one parameter-sized vector more.
+        """
+        g = torch.Generator().manual_seed(0)
+        probes = [torch.randn((most, *p.shape), generator=g, dtype=p.dtype) for p in self.params]
+        probes = [v.to(self.device) for v in probes]
+        result_bytes = sum(p.numel() for p in self.params) * self.params[0].element_size()
+
+        def peak(c: int) -> int:
+            self.clear_cache()
+            return peak_allocated_bytes(lambda: run([v[:c] for v in probes]))
+
+        with preserved_state(self.model, self.device), torch.enable_grad():
+            one = peak(1)
+            two = peak(2) if most > 1 else one
+            per_probe = max(two - one, 1)
+            fixed = max(one - per_probe, 0) + result_bytes
+            chunk = chunk_size_for(per_probe, budget - fixed, most)
+            for _ in range(3):
+                if chunk <= 2:
+                    break
+                over = peak(chunk) + result_bytes - budget
+                if over <= 0:
+                    break
+                chunk = max(2, chunk + (-over) // per_probe)  # fewer by over / per, rounded up
+        self.clear_cache()
+        return chunk, {"per_probe": per_probe, "fixed": fixed, "budget": int(budget)}
 
     # ------------------------------------------------------------------ data pass
     def _prepare(self, X, y):

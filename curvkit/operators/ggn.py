@@ -49,7 +49,7 @@ from curvkit.autodiff import (
 )
 from curvkit.estimators.estimate import Estimate, exact_estimate
 from curvkit.linop import flatten_tensors
-from curvkit.operators.base import CurvatureOperator, preserved_state
+from curvkit.operators.base import BLOCK_MEMORY_FACTOR, CurvatureOperator, preserved_state
 from curvkit.operators.quadratic_forms import TaylorQuadraticForms, check_quadratic_form_method
 from curvkit.taylor import TaylorUnsupportedError, output_tangents
 
@@ -196,9 +196,12 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
             ``"auto"``'s choice; ``backend_fallback_reason`` says why, and ``backend`` is
             the backend of the latest product.
         max_probes_per_chunk: most probes pushed through one batched backward. ``None``
-            (default): 16 on CUDA, where batching removes launch overhead; 2 on CPU, where
-            the products are compute-bound and larger chunks only cost memory (measured on
-            the benchmark models: 16 probes per chunk were 0-35% slower than 1-2).
+            (default): on CUDA, where batching removes launch overhead, as many as fit in
+            ``BLOCK_MEMORY_FACTOR`` (4) times one gradient's peak memory beyond the
+            ``(D, K)`` result (measured like :class:`curvkit.HessianOperator`'s chunks, at
+            most 16; ``block_chunk``, ``chunk_memory``); 2 on CPU, where the products are
+            compute-bound and larger chunks only cost memory (measured on the benchmark
+            models: 16 probes per chunk were 0-35% slower than 1-2).
         memory_budget: bytes the per-sample VJP chunks of the exact diagonal may use.
         cache_graph: keep the forward graph, ``d loss / d out`` and (``"double-vjp"``) the
             ``J^T u`` graph of a one-batch operator between products, as
@@ -245,9 +248,15 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
         )
         self.requested_backend = backend
         self.backend = backend
+        #: probes per batched backward; sized to the memory budget at the first product
+        #: where ``max_probes_per_chunk`` is None on CUDA
+        self._block_chunk: int | None = max_probes_per_chunk
         if max_probes_per_chunk is None:
             max_probes_per_chunk = 16 if self.device.type == "cuda" else 2
+            if self.device.type != "cuda":
+                self._block_chunk = max_probes_per_chunk
         self.max_probes_per_chunk = max_probes_per_chunk
+        self.chunk_memory: dict[str, int] = {}
         self.memory_budget = int(memory_budget)
         self.backend_fallback_reason: str | None = None
         self._taylor_failure: str | None = None  # why "taylor-jvp" cannot run this model
@@ -255,14 +264,28 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
         self._keep_graphs(cache_graph)
 
     # ------------------------------------------------------------------ products
+    @property
+    def block_chunk(self) -> int:
+        """Probes per batched backward (and per Taylor-mode ``J V`` pass)."""
+        if self._block_chunk is None:
+            self._block_chunk = most = self.max_probes_per_chunk  # measured runs: all at once
+            X, y = self._prepare(*self.batches.first())
+            budget = BLOCK_MEMORY_FACTOR * self.gradient_peak_bytes
+
+            def run(probes: list[Tensor]) -> None:
+                self._batch_product(X, y, 1.0, probes)
+
+            self._block_chunk, self.chunk_memory = self._fit_chunk(run, most, budget)
+        return self._block_chunk
+
     def _probe_chunk(self) -> int:
-        return self.max_probes_per_chunk
+        return self.block_chunk
 
     def _matmat_step(self, K: int, column_major: bool) -> int:
         # one chunk of probes per call: the batched backward's (chunk, D) results are
         # written into the result block before the next chunk's are made (the forward
         # graph is shared by the chunks), instead of (K, D) temporaries for the whole block
-        return max(1, min(K, self.max_probes_per_chunk))
+        return max(1, min(K, self.block_chunk))
 
     def _batch_matmat(
         self,
@@ -344,7 +367,7 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
     def _taylor_jvp_product(self, X, y, weight: float, probes: list[Tensor]) -> list[Tensor]:
         """``J^T Lambda J V`` with ``J V`` from the forward pass that records ``J^T``'s graph,
         one pass per chunk of probes (:func:`curvkit.taylor.output_tangents`)."""
-        K, c = probes[0].shape[0], self.max_probes_per_chunk
+        K, c = probes[0].shape[0], self.block_chunk
         pieces = []
         for s in range(0, K, c):
             chunk = [v[s : s + c] for v in probes]
@@ -366,7 +389,7 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
         if not pairs:
             return graph.out.new_zeros(probes[0].shape[0], *graph.out.shape)
         (JV,) = batched_grad(
-            [e for e, _ in pairs], [graph.u], [v for _, v in pairs], self.max_probes_per_chunk
+            [e for e, _ in pairs], [graph.u], [v for _, v in pairs], self.block_chunk
         )
         return JV
 
@@ -375,8 +398,8 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
         K = JV.shape[0]
         if graph.g is None:  # loss linear in the outputs
             return [torch.zeros(K, *p.shape, dtype=p.dtype, device=p.device) for p in self.params]
-        (LJV,) = batched_grad([graph.g], [graph.out_d], [JV], self.max_probes_per_chunk)
-        res = batched_grad([graph.out], self.params, [LJV], self.max_probes_per_chunk)
+        (LJV,) = batched_grad([graph.g], [graph.out_d], [JV], self.block_chunk)
+        res = batched_grad([graph.out], self.params, [LJV], self.block_chunk)
         return [r.detach() for r in res]
 
     def _forward_jvp(self, X, probes: list[Tensor]) -> Tensor:
@@ -393,7 +416,7 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
             return jvp(f, primals, tangents)[1]
 
         K = probes[0].shape[0]
-        c = self.max_probes_per_chunk
+        c = self.block_chunk
         return torch.cat([vmap(jvp_one)(*[v[s : s + c] for v in probes]) for s in range(0, K, c)])
 
     # ------------------------------------------------------------------ exact diagonal

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -15,15 +16,13 @@ from curvkit.autodiff import (
     CompiledHVP,
     batch_hvp,
     check_compile_backend,
-    chunk_size_for,
     chunked_into,
     differentiable_attention,
     first_backward,
-    graph_bytes,
     graph_hvp,
     write_into,
 )
-from curvkit.operators.base import CurvatureOperator, preserved_state
+from curvkit.operators.base import BLOCK_MEMORY_FACTOR, CurvatureOperator
 from curvkit.operators.quadratic_forms import (
     TaylorQuadraticForms,
     agreement_tolerance,
@@ -37,6 +36,8 @@ __all__ = ["HessianOperator"]
 TRIAL_PROBES = 8
 #: interleaved timing rounds of the trial (the best time of each candidate counts)
 TRIAL_ROUNDS = 2
+#: the backends that push a chunk of probes through one pass (memory grows with the chunk)
+BATCHED_BACKENDS = ("batched", "forward-over-reverse")
 
 
 class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
@@ -101,10 +102,16 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
             ``"compiled"`` (see :mod:`curvkit.autodiff`).
         max_probes_per_chunk: most probes a batched backend (``"batched"``,
             ``"forward-over-reverse"``, ``"compiled"``) pushes through at once.
-        memory_budget: optional cap in bytes on what one chunk of batched probes may hold;
-            the chunk size is ``memory_budget // graph_bytes`` (at least 1, at most
-            ``max_probes_per_chunk``), with ``graph_bytes`` the bytes autograd saves for one
-            forward and first backward of the first batch (measured once). ``None``: no cap.
+        memory_budget: bytes a product of ``K`` probes may hold beyond its ``(D, K)``
+            result. ``None`` (default): ``BLOCK_MEMORY_FACTOR`` (4) times one gradient's
+            peak (``gradient_peak_bytes``); ``float("inf")``: no cap. The batched backends'
+            chunks are sized to it from the measured peaks of chunks of one and two probes
+            on the first batch (``chunk_sizes``, ``chunk_memory``); the loop backends hold
+            one probe at a time, and a batched backend that needs more than the budget for
+            one probe is no candidate of ``"auto"`` for blocks. A row-major ``V`` adds one
+            chunk of staged probes (estimators draw column-major blocks). Taylor-mode
+            quadratic forms size their passes to it too (default there: 2.5 gradients,
+            ``taylor_chunk_size``).
         cache_graph: keep the first-backward graph of a one-batch operator between
             products (see above).
         quadratic_form_method: how :meth:`quadratic_form` computes ``v^T H v``:
@@ -147,8 +154,11 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
             check_compile_backend(compile_backend)
         if max_probes_per_chunk < 1:
             raise ValueError("max_probes_per_chunk must be at least 1")
-        if memory_budget is not None and memory_budget <= 0:
-            raise ValueError("memory_budget must be a positive number of bytes or None")
+        if memory_budget is not None and not memory_budget > 0:
+            raise ValueError(
+                "memory_budget must be a positive number of bytes, float('inf') for no cap, "
+                "or None for 4 gradients' peak"
+            )
         super().__init__(
             model,
             loss_fn,
@@ -165,7 +175,10 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
         self.backend_trials: dict[str, dict[str, float | str]] = {}
         self.max_probes_per_chunk = max_probes_per_chunk
         self.memory_budget = memory_budget
-        self._graph_bytes: int | None = None
+        #: probes per chunk of each batched backend, within the memory budget, and the
+        #: measured bytes they were sized from (per probe, fixed part, budget)
+        self.chunk_sizes: dict[str, int] = {}
+        self.chunk_memory: dict[str, dict[str, int]] = {}
         self.backend_fallback_reason: str | None = None
         self._init_quadratic_forms(quadratic_form_method)
         self.compile = bool(compile)
@@ -191,14 +204,49 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
     # ------------------------------------------------------------------ backend choice
     @property
     def chunk_size(self) -> int:
-        """Probes per chunk for the batched backends, within ``memory_budget``."""
-        if self.memory_budget is None:
+        """Probes per chunk of the block products' backend (the chosen one, else
+        ``"batched"``), within the memory budget."""
+        return self._chunk_for(self.backend_choices.get("block", "batched"))
+
+    def _chunk_for(self, name: str) -> int:
+        """Probes per chunk of backend ``name``: ``max_probes_per_chunk``, or for a batched
+        backend what fits in the memory budget (:meth:`_measured_chunk`, once per backend)."""
+        budget = self.memory_budget
+        if name not in BATCHED_BACKENDS or self.max_probes_per_chunk == 1:
             return self.max_probes_per_chunk
-        if self._graph_bytes is None:
-            X, y = self._prepare(*self.batches.first())
-            with preserved_state(self.model, self.device), differentiable_attention():
-                self._graph_bytes = graph_bytes(self.model, self.loss_fn, X, y, self.params)
-        return chunk_size_for(self._graph_bytes, self.memory_budget, self.max_probes_per_chunk)
+        if budget is not None and math.isinf(budget):
+            return self.max_probes_per_chunk
+        if name not in self.chunk_sizes:
+            self.chunk_sizes[name] = self._measured_chunk(name)
+        return self.chunk_sizes[name]
+
+    def _measured_chunk(self, name: str) -> int:
+        """The largest chunk of backend ``name`` within the budget (:meth:`_fit_chunk`)."""
+        budget = self.memory_budget
+        if budget is None:
+            budget = BLOCK_MEMORY_FACTOR * self.gradient_peak_bytes
+        X, y = self._prepare(*self.batches.first())
+        most = self.max_probes_per_chunk
+        self.chunk_sizes[name] = most  # the measured runs push their probes at once
+
+        def run(probes: list[Tensor]) -> None:
+            self._run(name, X, y, 1.0, probes)
+
+        with differentiable_attention():
+            chunk, self.chunk_memory[name] = self._fit_chunk(run, most, budget)
+        return chunk
+
+    def _over_budget(self, name: str) -> str | None:
+        """Why a batched backend cannot run within the memory budget even one probe at a
+        time (the trial then drops it); ``None`` where it can."""
+        if self._chunk_for(name) > 1 or name not in self.chunk_memory:
+            return None
+        m = self.chunk_memory[name]
+        one = m["fixed"] + m["per_probe"]
+        if one <= m["budget"]:
+            return None
+        budget = m["budget"] / 2**20
+        return f"one probe needs {one / 2**20:.0f} MiB, over the budget of {budget:.0f} MiB"
 
     def _candidates(self, kind: str) -> list[str]:
         if kind == "single":
@@ -237,10 +285,18 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
         agreement check; any exception from it drops it.
         """
         K = probes[0].shape[0]
-        chunk = min(K, self.chunk_size, TRIAL_PROBES)
+        chunk = min(K, TRIAL_PROBES)
         trial_probes = [v[:chunk] for v in probes]
         tol = agreement_tolerance(self.model, self.dtype, self.device)
         timings: dict[str, float | str] = {}
+        for name in self._candidates(kind) if kind == "block" else ():
+            if name in BATCHED_BACKENDS:  # sized first: measuring builds graphs of its own
+                try:
+                    over = self._over_budget(name)
+                except Exception as err:  # measuring ran the backend: a failure drops it
+                    over = _reason(err)
+                if over is not None:
+                    timings[name] = over
         # built here (or reused) so it can be timed
         _, build_s = self._timed(lambda: self._batch_graph(X, y, weight, batch))
         reference = self._run("double-backward", X, y, weight, trial_probes, batch=batch)
@@ -259,7 +315,7 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
             self.backend = "double-backward"
             self._run("double-backward", X, y, weight, probes, out, batch, accumulate)
             return
-        alive = list(self._candidates(kind))
+        alive = [n for n in self._candidates(kind) if n not in timings]
         if "compiled" in alive:  # compile (untimed warm-up) and check agreement once
             try:
                 res = self._run("compiled", X, y, weight, trial_probes, batch=batch)
@@ -329,12 +385,13 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
                 self.param_names,
                 probes,
                 name,
-                self.chunk_size,
+                self._chunk_for(name),
                 out,
                 accumulate,
             )
+        chunk = self._chunk_for(name)  # before the graph: sizing a chunk builds its own
         graph = self._batch_graph(X, y, weight, batch)
-        return graph_hvp(graph, self.params, probes, name, self.chunk_size, out, accumulate)
+        return graph_hvp(graph, self.params, probes, name, chunk, out, accumulate)
 
     def _run_compiled(
         self,
@@ -359,7 +416,7 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
             self._compiled_done += chunk[0].shape[0]  # written into ``out`` right after
             return res
 
-        return chunked_into(counted, probes, self.chunk_size, out, accumulate)
+        return chunked_into(counted, probes, self.max_probes_per_chunk, out, accumulate)
 
     def _run_or_fall_back(
         self,
@@ -410,7 +467,8 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
             )
 
     def _probe_chunk(self) -> int:
-        return self.chunk_size
+        # probes staged per data-pass step; each step is chunked again by its backend
+        return self.chunk_sizes.get(self.backend_choices.get("block"), self.max_probes_per_chunk)
 
     def _batch_matmat(
         self,

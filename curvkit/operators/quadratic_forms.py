@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvkit.autodiff import check_finite, chunk_size_for, gradient
+from curvkit.autodiff import check_finite, chunk_size_for, differentiable_attention, gradient
 from curvkit.cpu_memory import reuse_freed_memory
 from curvkit.live_memory import peak_allocated_bytes
 from curvkit.operators.base import preserved_state
@@ -112,6 +112,7 @@ class TaylorQuadraticForms:
         self.quadratic_form_choice: str | None = None if method == "auto" else method
         self.quadratic_form_trial: dict[str, float | str] = {}
         self._taylor_memory: dict[str, int] | None = None
+        self._gradient_peak: int | None = None
 
     def _taylor_max_probes(self) -> int:
         return TAYLOR_MAX_PROBES
@@ -163,17 +164,26 @@ class TaylorQuadraticForms:
         if self._taylor_memory is None:
             X, y = self._prepare(*self.batches.first())
             with preserved_state(self.model, self.device):
-                grad = peak_allocated_bytes(
-                    lambda: gradient(self.loss_fn(self.model(X), y), self.params, False)
-                )
                 one, two = (self._taylor_pass_peak(X, y, k) for k in (1, 2))
             per_probe = max(two - one, 1)
             self._taylor_memory = {
-                "gradient": grad,
+                "gradient": self.gradient_peak_bytes,
                 "per_probe": per_probe,
                 "base": max(one - per_probe, 0),
             }
         return self._taylor_memory
+
+    @property
+    def gradient_peak_bytes(self) -> int:
+        """Peak bytes (``curvkit.live_memory``) of one eager gradient on the first batch, the
+        unit of the memory budgets; measured at the first use."""
+        if self._gradient_peak is None:
+            X, y = self._prepare(*self.batches.first())
+            with preserved_state(self.model, self.device), differentiable_attention():
+                self._gradient_peak = peak_allocated_bytes(
+                    lambda: gradient(self.loss_fn(self.model(X), y), self.params, False)
+                )
+        return self._gradient_peak
 
     def _taylor_pass_peak(self, X: Any, y: Tensor, K: int) -> int:
         probes = [p.detach().expand(K, *p.shape).clone() for p in self.params]

@@ -661,22 +661,33 @@ def run_worker(spec: dict, timeout: float) -> dict:
     path = os.environ.get("PYTHONPATH")
     env = {**os.environ, "PYTHONPATH": root if not path else f"{root}{os.pathsep}{path}"}
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {
-            **{k: spec[k] for k in ("model", "batch")},
-            "error": f"timed out after {timeout:.0f} s",
-            "note": f"timed out after {timeout:.0f} s",
-        }
+    # its own process group: a timeout also ends what it started (inductor's compile workers)
+    with subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    ) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.communicate()
+            return {
+                **{k: spec[k] for k in ("model", "batch")},
+                "error": f"timed out after {timeout:.0f} s",
+                "note": f"timed out after {timeout:.0f} s",
+            }
     if proc.returncode != 0:
-        last = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+        last = stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
         return {
             **{k: spec[k] for k in ("model", "batch")},
-            "error": proc.stderr[-2000:],
+            "error": stderr[-2000:],
             "note": f"exit status {proc.returncode}: {last[0][:200]}",
         }
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = json.loads(stdout.strip().splitlines()[-1])
     res["wall_s"] = time.perf_counter() - t0
     return res
 
@@ -1078,11 +1089,13 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     models = [s["model"] for s in specs]
 
+    device = device_name(args.device)
+
     def write_report() -> tuple[dict, str]:
         load = os.getloadavg() if hasattr(os, "getloadavg") else None
         ordered = sorted(rows, key=lambda r: (models.index(r["model"]), r["batch"]))
         report = {
-            "device": device_name(args.device),
+            "device": device,
             "torch": torch.__version__,
             "python": platform.python_version(),
             "config": {

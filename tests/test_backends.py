@@ -326,11 +326,23 @@ def test_trials_compare_within_the_agreement_tolerance(monkeypatch):
     case.model.float()
     data = [(X.float(), y.float()) for X, y in case.batches]
     op = ck.HessianOperator(case.model, case.loss_fn, data, check_deterministic=False)
-    op @ torch.randn(op.shape[0])
+    g = torch.Generator().manual_seed(0)
+    op @ torch.randn(op.shape[0], generator=g)
     trial = op.backend_trials["single"]
     assert op.backend_choices["single"] == "double-backward"
     dropped = [t for name, t in trial.items() if name != "double-backward"]
     assert dropped and all(isinstance(t, str) and t.startswith("disagrees") for t in dropped)
-    op.quadratic_form(torch.randn(op.shape[0], 4))
+    op.quadratic_form(torch.randn(op.shape[0], 4, generator=g))
     assert op.quadratic_form_choice == "hvp"
     assert op.quadratic_form_trial["taylor"].startswith("disagrees")
+
+
+def test_single_products_size_no_chunks():
+    """Sizing a batched backend's chunks runs it and drops the kept graph: a single product
+    (and its trial, where that would be charged to a timed candidate) needs no chunk."""
+    case = make_case("cnn", "ce-mean", [4, 2])
+    op = ck.HessianOperator(case.model, case.loss_fn, case.data)
+    op @ _probes(op.shape[0], 1)[:, 0]
+    assert op.chunk_sizes == {} and "block" not in op.backend_trials
+    op @ _probes(op.shape[0], 3)
+    assert set(op.chunk_sizes) == {"batched", "forward-over-reverse"}

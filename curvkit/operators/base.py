@@ -105,6 +105,14 @@ def preserved_state(model: nn.Module, device: torch.device) -> Iterator[None]:
     """
     buffers = [b for b in model.buffers() if b.numel()]
     saved = flat_by_dtype(buffers)
+    # each buffer's slice of its group's copy, fixed now (the body may resize a buffer)
+    offsets: dict[tuple, int] = {}
+    slices = []
+    for b in buffers:
+        key = (b.dtype, b.device)
+        start = offsets.get(key, 0)
+        offsets[key] = start + b.numel()
+        slices.append((b, saved[key][start : offsets[key]].view(b.shape)))
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     try:
@@ -113,12 +121,8 @@ def preserved_state(model: nn.Module, device: torch.device) -> Iterator[None]:
         # compared by value because BatchNorm updates its statistics in place without
         # bumping their version; all at once, and buffer by buffer only if something changed
         if buffers and not _equal_groups(flat_by_dtype(buffers), saved):
-            offsets = dict.fromkeys(saved, 0)
             with torch.no_grad():
-                for b in buffers:
-                    key, n = (b.dtype, b.device), b.numel()
-                    old = saved[key][offsets[key] : offsets[key] + n].view_as(b)
-                    offsets[key] += n
+                for b, old in slices:
                     # only what changed: a copy bumps the version counter, which would void
                     # a kept graph that saved the buffer (eval BatchNorm saves its statistics)
                     if not torch.equal(b, old):
@@ -284,28 +288,32 @@ class CurvatureOperator(LinearOperator):
         not quite linear in the chunk). A chunk's products exist once more beside the
         result block until written into it, hence one parameter-sized vector more.
         """
-        g = torch.Generator().manual_seed(0)
-        probes = [torch.randn((most, *p.shape), generator=g, dtype=p.dtype) for p in self.params]
-        probes = [v.to(self.device) for v in probes]
         result_bytes = sum(p.numel() for p in self.params) * self.params[0].element_size()
+        needs: dict[int, int] = {}  # chunk -> measured bytes beyond the result block
 
-        def peak(c: int) -> int:
-            self.clear_cache()
-            return peak_allocated_bytes(lambda: run([v[:c] for v in probes]))
+        def need(c: int) -> int:
+            if c not in needs:
+                g = torch.Generator().manual_seed(c)
+                probes = [
+                    torch.randn((c, *p.shape), generator=g, dtype=p.dtype).to(self.device)
+                    for p in self.params
+                ]
+                self.clear_cache()
+                needs[c] = peak_allocated_bytes(lambda: run(probes)) + result_bytes
+                del probes
+            return needs[c]
 
         with preserved_state(self.model, self.device), torch.enable_grad():
-            one = peak(1)
-            two = peak(2) if most > 1 else one
-            per_probe = max(two - one, 1)
-            fixed = max(one - per_probe, 0) + result_bytes
+            per_probe = max(need(2) - need(1), 1) if most > 1 else max(need(1), 1)
+            fixed = max(need(1) - per_probe, 0)
             chunk = chunk_size_for(per_probe, budget - fixed, most)
-            for _ in range(3):
-                if chunk <= 2:
+            for _ in range(4):  # shrink a predicted chunk that does not fit
+                if chunk == 1 or need(chunk) <= budget:
                     break
-                over = peak(chunk) + result_bytes - budget
-                if over <= 0:
-                    break
-                chunk = max(2, chunk + (-over) // per_probe)  # fewer by over / per, rounded up
+                chunk = max(1, chunk + int((budget - need(chunk)) // per_probe))  # rounded down
+            fitting = [c for c, n in needs.items() if n <= budget]
+            if chunk not in needs or needs[chunk] > budget:  # the last shrink, unmeasured
+                chunk = max(fitting, default=1)
         self.clear_cache()
         return chunk, {"per_probe": per_probe, "fixed": fixed, "budget": int(budget)}
 

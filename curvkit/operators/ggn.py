@@ -270,13 +270,21 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
         if self._block_chunk is None:
             self._block_chunk = most = self.max_probes_per_chunk  # measured runs: all at once
             X, y = self._prepare(*self.batches.first())
-            budget = BLOCK_MEMORY_FACTOR * self.gradient_peak_bytes
 
             def run(probes: list[Tensor]) -> None:
                 self._batch_product(X, y, 1.0, probes)
 
-            self._block_chunk, self.chunk_memory = self._fit_chunk(run, most, budget)
+            try:
+                budget = BLOCK_MEMORY_FACTOR * self.gradient_peak_bytes
+                self._block_chunk, self.chunk_memory = self._fit_chunk(run, most, budget)
+            except BaseException:
+                self._block_chunk = None  # sized again at the next product
+                raise
         return self._block_chunk
+
+    def _chunk_of(self, K: int) -> int:
+        """Probes per batched pass for ``K`` probes (a single one needs no sizing)."""
+        return 1 if K <= 1 else self.block_chunk
 
     def _probe_chunk(self) -> int:
         return self.block_chunk
@@ -285,7 +293,7 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
         # one chunk of probes per call: the batched backward's (chunk, D) results are
         # written into the result block before the next chunk's are made (the forward
         # graph is shared by the chunks), instead of (K, D) temporaries for the whole block
-        return max(1, min(K, self.block_chunk))
+        return max(1, min(K, self._chunk_of(K)))
 
     def _batch_matmat(
         self,
@@ -367,7 +375,8 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
     def _taylor_jvp_product(self, X, y, weight: float, probes: list[Tensor]) -> list[Tensor]:
         """``J^T Lambda J V`` with ``J V`` from the forward pass that records ``J^T``'s graph,
         one pass per chunk of probes (:func:`curvkit.taylor.output_tangents`)."""
-        K, c = probes[0].shape[0], self.block_chunk
+        K = probes[0].shape[0]
+        c = self._chunk_of(K)
         pieces = []
         for s in range(0, K, c):
             chunk = [v[s : s + c] for v in probes]
@@ -389,7 +398,10 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
         if not pairs:
             return graph.out.new_zeros(probes[0].shape[0], *graph.out.shape)
         (JV,) = batched_grad(
-            [e for e, _ in pairs], [graph.u], [v for _, v in pairs], self.block_chunk
+            [e for e, _ in pairs],
+            [graph.u],
+            [v for _, v in pairs],
+            self._chunk_of(probes[0].shape[0]),
         )
         return JV
 
@@ -398,8 +410,8 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
         K = JV.shape[0]
         if graph.g is None:  # loss linear in the outputs
             return [torch.zeros(K, *p.shape, dtype=p.dtype, device=p.device) for p in self.params]
-        (LJV,) = batched_grad([graph.g], [graph.out_d], [JV], self.block_chunk)
-        res = batched_grad([graph.out], self.params, [LJV], self.block_chunk)
+        (LJV,) = batched_grad([graph.g], [graph.out_d], [JV], self._chunk_of(K))
+        res = batched_grad([graph.out], self.params, [LJV], self._chunk_of(K))
         return [r.detach() for r in res]
 
     def _forward_jvp(self, X, probes: list[Tensor]) -> Tensor:
@@ -416,7 +428,7 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
             return jvp(f, primals, tangents)[1]
 
         K = probes[0].shape[0]
-        c = self.block_chunk
+        c = self._chunk_of(K)
         return torch.cat([vmap(jvp_one)(*[v[s : s + c] for v in probes]) for s in range(0, K, c)])
 
     # ------------------------------------------------------------------ exact diagonal

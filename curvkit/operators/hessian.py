@@ -108,8 +108,10 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
             chunks are sized to it from the measured peaks of chunks of one and two probes
             on the first batch (``chunk_sizes``, ``chunk_memory``); the loop backends hold
             one probe at a time, and a batched backend that needs more than the budget for
-            one probe is no candidate of ``"auto"`` for blocks. A row-major ``V`` adds one
-            chunk of staged probes (estimators draw column-major blocks). Taylor-mode
+            one probe is no candidate of ``"auto"`` for blocks (chosen explicitly, it runs
+            one probe at a time, with a warning). ``"compiled"`` pushes
+            ``max_probes_per_chunk`` probes regardless. A row-major ``V`` adds one chunk of
+            staged probes (estimators draw column-major blocks). Taylor-mode
             quadratic forms size their passes to it too (default there: 2.5 gradients,
             ``taylor_chunk_size``).
         cache_graph: keep the first-backward graph of a one-batch operator between
@@ -217,7 +219,21 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
         if budget is not None and math.isinf(budget):
             return self.max_probes_per_chunk
         if name not in self.chunk_sizes:
-            self.chunk_sizes[name] = self._measured_chunk(name)
+            # the measured runs push their probes at once (and size nothing themselves)
+            self.chunk_sizes[name] = self.max_probes_per_chunk
+            try:
+                self.chunk_sizes[name] = self._measured_chunk(name)
+            except BaseException:
+                del self.chunk_sizes[name]  # sized again at the next product
+                raise
+            over = self._over_budget(name)
+            if over is not None and self.requested_backend == name:
+                warnings.warn(
+                    f"backend {name!r} runs one probe at a time and still exceeds the memory "
+                    f"budget ({over}); pass a larger memory_budget, or backend='auto'",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
         return self.chunk_sizes[name]
 
     def _measured_chunk(self, name: str) -> int:
@@ -227,7 +243,6 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
             budget = BLOCK_MEMORY_FACTOR * self.gradient_peak_bytes
         X, y = self._prepare(*self.batches.first())
         most = self.max_probes_per_chunk
-        self.chunk_sizes[name] = most  # the measured runs push their probes at once
 
         def run(probes: list[Tensor]) -> None:
             self._run(name, X, y, 1.0, probes)
@@ -374,6 +389,8 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
     ) -> list[Tensor]:
         if name == "compiled":
             return self._run_compiled(X, y, weight, probes, out, accumulate)
+        # a single probe needs no chunk (and no sizing, which would run inside a timed trial)
+        chunk = self._chunk_for(name) if probes[0].shape[0] > 1 else 1
         if name in FORWARD_MODE_BACKENDS:
             return batch_hvp(
                 self.model,
@@ -385,12 +402,11 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
                 self.param_names,
                 probes,
                 name,
-                self._chunk_for(name),
+                chunk,
                 out,
                 accumulate,
             )
-        chunk = self._chunk_for(name)  # before the graph: sizing a chunk builds its own
-        graph = self._batch_graph(X, y, weight, batch)
+        graph = self._batch_graph(X, y, weight, batch)  # after sizing, which builds its own
         return graph_hvp(graph, self.params, probes, name, chunk, out, accumulate)
 
     def _run_compiled(

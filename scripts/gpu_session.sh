@@ -16,6 +16,7 @@ start=$(date +%s)
 total=${CURVKIT_GPU_SECONDS:-500}
 device=${CURVKIT_BENCH_DEVICE:-cuda}
 extra=${CURVKIT_BENCH_EXTRA:-}  # e.g. "--sizes tiny --models mlp" for a dry run on a CPU
+batches=${CURVKIT_GPU_BATCHES:-128,512,32}  # in this order, as far as the time goes
 left() { echo $((total - ($(date +%s) - start))); }
 
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -37,9 +38,9 @@ tail -25 "$OUT/tests.log"
 
 echo "== benchmark ($(left) s left)"
 # shellcheck disable=SC2086
-python3 scripts/bench.py --device "$device" --batch-sizes 128,512,32 --ks 16,64 $extra \
+python3 scripts/bench.py --device "$device" --batch-sizes "$batches" --ks 16,64 $extra \
     --warmup 1 --repeats 20 --min-repeats 3 --budget-s 6 --compile --compile-batches 128 \
-    --timeout 240 --deadline-s $(($(left) - 60)) --check \
+    --timeout 300 --deadline-s $(($(left) - 60)) --check \
     --out "$OUT/h200.json" --md "$OUT/h200.md" >"$OUT/bench.log" 2>&1
 grep -v '^|' "$OUT/bench.log" | tail -60
 

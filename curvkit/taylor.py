@@ -223,27 +223,19 @@ def _second_order() -> bool:
     return _SECOND_ORDER[0]
 
 
-@contextlib.contextmanager
-def _linearised() -> Iterator[None]:
-    previous, _SECOND_ORDER[0] = _SECOND_ORDER[0], False
-    try:
-        yield
-    finally:
-        _SECOND_ORDER[0] = previous
-
-
 #: ``False`` while :func:`output_tangents` runs: the tangents' own autograd graph is cut at
 #: every rule's output, so it never holds more than one operation's saved tensors
 _RECORD_TANGENTS = [True]
 
 
 @contextlib.contextmanager
-def _tangents_detached() -> Iterator[None]:
-    previous, _RECORD_TANGENTS[0] = _RECORD_TANGENTS[0], False
+def _switched_off(flag: list[bool]) -> Iterator[None]:
+    """``flag[0]`` is ``False`` inside, and what it was before afterwards."""
+    previous, flag[0] = flag[0], False
     try:
         yield
     finally:
-        _RECORD_TANGENTS[0] = previous
+        flag[0] = previous
 
 
 @contextlib.contextmanager
@@ -1370,8 +1362,8 @@ def _first_order_jets(
         _unsupported_as_taylor_error(what),
         torch.enable_grad(),
         _jet_parameters(model, params, jets),
-        _linearised(),
-        contextlib.nullcontext() if record_tangents else _tangents_detached(),
+        _switched_off(_SECOND_ORDER),
+        contextlib.nullcontext() if record_tangents else _switched_off(_RECORD_TANGENTS),
     ):
         yield
 
@@ -1480,7 +1472,7 @@ def taylor_quadratic_forms(
     jets = [Jet(p.detach(), v, None, K, group_size) for p, v in zip(params, probes)]
     with torch.no_grad(), _jet_parameters(model, params, jets):
         if gauss_newton:
-            with _linearised():
+            with _switched_off(_SECOND_ORDER):  # the linearised model
                 out = model(X)
         else:
             out = model(X)

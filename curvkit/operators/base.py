@@ -311,9 +311,8 @@ class CurvatureOperator(LinearOperator):
                 if chunk == 1 or need(chunk) <= budget:
                     break
                 chunk = max(1, chunk + int((budget - need(chunk)) // per_probe))  # rounded down
-            fitting = [c for c, n in needs.items() if n <= budget]
             if chunk not in needs or needs[chunk] > budget:  # the last shrink, unmeasured
-                chunk = max(fitting, default=1)
+                chunk = max((c for c, n in needs.items() if n <= budget), default=1)
         self.clear_cache()
         return chunk, {"per_probe": per_probe, "fixed": fixed, "budget": int(budget)}
 

@@ -308,18 +308,21 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
     ) -> None:
         write_into(self._batch_product(X, y, weight, probes, batch), out, accumulate)
 
-    def _build_graph(self, X, y, weight: float) -> _GGNGraph:
-        out = _as_output_tensor(self.model(X))
+    def _loss_graph(self, out: Tensor, y, weight: float) -> _GGNGraph:
+        """The model's output ``out`` (with its graph) and ``d loss / d out`` with its own."""
         out_d = out.detach().requires_grad_(True)
         loss = weight * self.loss_fn(out_d, y)
         check_finite(loss.detach(), "the loss")
         (g,) = torch.autograd.grad(loss, out_d, create_graph=True)
-        graph = _GGNGraph(out, out_d, g if g.requires_grad else None)
+        return _GGNGraph(out, out_d, g if g.requires_grad else None)
+
+    def _build_graph(self, X, y, weight: float) -> _GGNGraph:
+        graph = self._loss_graph(_as_output_tensor(self.model(X)), y, weight)
         if self.backend == "double-vjp":
             # J^T u with its graph: differentiated w.r.t. u, it gives J V
-            graph.u = torch.zeros_like(out, requires_grad=True)
+            graph.u = torch.zeros_like(graph.out, requires_grad=True)
             vjps = torch.autograd.grad(
-                out, self.params, grad_outputs=graph.u, create_graph=True, allow_unused=True
+                graph.out, self.params, grad_outputs=graph.u, create_graph=True, allow_unused=True
             )
             graph.vjp_edges = [
                 get_gradient_edge(v) if v is not None and v.requires_grad else None for v in vjps
@@ -381,14 +384,9 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
         for s in range(0, K, c):
             chunk = [v[s : s + c] for v in probes]
             out, JV = output_tangents(self.model, X, self.params, chunk)
-            out = _as_output_tensor(out)
-            out_d = out.detach().requires_grad_(True)
-            loss = weight * self.loss_fn(out_d, y)
-            check_finite(loss.detach(), "the loss")
-            (g,) = torch.autograd.grad(loss, out_d, create_graph=True)
-            graph = _GGNGraph(out, out_d, g if g.requires_grad else None)
+            graph = self._loss_graph(_as_output_tensor(out), y, weight)
             if JV is None:  # the output does not depend on the parameters
-                JV = out.new_zeros(chunk[0].shape[0], *out.shape)
+                JV = graph.out.new_zeros(chunk[0].shape[0], *graph.out.shape)
             pieces.append(self._apply_lambda_and_vjp(graph, JV))
         return [torch.cat(parts) for parts in zip(*pieces)] if len(pieces) > 1 else pieces[0]
 

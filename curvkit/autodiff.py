@@ -114,7 +114,7 @@ def check_finite(value: Tensor, what: str) -> None:
     A sum is finite only if every entry is; only when it is not (or overflowed) is the
     exact, much slower, elementwise test run.
     """
-    if value.is_floating_point() and bool(torch.isfinite(value.sum())):
+    if value.is_floating_point() and math.isfinite(value.sum().item()):
         return
     if not bool(torch.isfinite(value).all()):
         raise FloatingPointError(
@@ -131,6 +131,68 @@ def gradient(loss: Tensor, params: Sequence[Tensor], create_graph: bool) -> list
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
 
+class _SlotHooks:
+    """Temporary hooks on ``params`` that write each gradient of a backward pass into its
+    slot as the backward produces it, and hand the slot back to autograd.
+
+    Each gradient is then freed as soon as it is written: the backward never holds a second
+    parameter-sized result beside the slots (which ``torch.autograd.grad`` followed by a
+    copy does: on the MLP of the benchmark, parameters dominate and that was one gradient's
+    worth of peak memory). Registered once for any number of backward passes (registering
+    costs a few microseconds per parameter, which a loop over probes would pay per probe).
+    """
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self.params = params
+        self.slots: Sequence[Tensor] = ()
+        self.accumulate = False
+        self.written = [False] * len(params)
+        self.handles = [p.register_hook(self._hook(i)) for i, p in enumerate(params)]
+
+    def _hook(self, i: int) -> Callable[[Tensor], Tensor]:
+        def hook(g: Tensor) -> Tensor:
+            slot = self.slots[i]
+            if self.accumulate:
+                slot.add_(g)
+            else:
+                slot.copy_(g)
+            self.written[i] = True
+            return slot
+
+        return hook
+
+    def grad(
+        self,
+        outputs: Sequence[Tensor | GradientEdge],
+        grad_outputs: Sequence[Tensor] | None,
+        slots: Sequence[Tensor],
+        accumulate: bool,
+        retain_graph: bool,
+    ) -> None:
+        """``torch.autograd.grad(outputs, params, grad_outputs)`` into ``slots``."""
+        self.slots, self.accumulate = slots, accumulate
+        self.written = [False] * len(self.params)
+        torch.autograd.grad(
+            outputs,
+            self.params,
+            grad_outputs=grad_outputs,
+            retain_graph=retain_graph,
+            allow_unused=True,
+        )
+        self.slots = ()
+        if not accumulate:
+            for slot, done in zip(slots, self.written):
+                if not done:
+                    slot.zero_()
+
+    def __enter__(self) -> _SlotHooks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 def grad_into(
     outputs: Sequence[Tensor],
     params: Sequence[Tensor],
@@ -141,44 +203,12 @@ def grad_into(
 ) -> Sequence[Tensor]:
     """``torch.autograd.grad(outputs, params, grad_outputs)`` written (or, with
     ``accumulate``, added) into ``out`` (tensors shaped like ``params``) as the backward
-    produces each parameter's gradient.
-
-    A temporary hook on every parameter copies its gradient into its slot and hands the slot
-    back to autograd, so each gradient is freed as soon as it is written: the backward never
-    holds a second parameter-sized result beside ``out`` (which ``torch.autograd.grad``
-    followed by a copy does: on the MLP of the benchmark, parameters dominate and that was
-    one gradient's worth of peak memory). Parameters the outputs do not depend on get zeros
-    (or are left as they are when accumulating).
+    produces each parameter's gradient (:class:`_SlotHooks`: no second parameter-sized
+    result is held). Parameters the outputs do not depend on get zeros (or are left as they
+    are when accumulating).
     """
-    written = [False] * len(params)
-
-    def slot_hook(i: int):
-        def hook(g: Tensor) -> Tensor:
-            if accumulate:
-                out[i].add_(g)
-            else:
-                out[i].copy_(g)
-            written[i] = True
-            return out[i]
-
-        return hook
-
-    handles = [p.register_hook(slot_hook(i)) for i, p in enumerate(params)]
-    try:
-        torch.autograd.grad(
-            outputs,
-            params,
-            grad_outputs=grad_outputs,
-            retain_graph=retain_graph,
-            allow_unused=True,
-        )
-    finally:
-        for handle in handles:
-            handle.remove()
-    if not accumulate:
-        for o, done in zip(out, written):
-            if not done:
-                o.zero_()
+    with _SlotHooks(params) as hooks:
+        hooks.grad(outputs, grad_outputs, out, accumulate, retain_graph)
     return out
 
 
@@ -230,19 +260,21 @@ def _double_backward(
         for i, g in enumerate(grads)
         if g is not None and (not isinstance(g, Tensor) or g.requires_grad)
     ]
-    for k in range(K):
-        slots = [o[k] for o in out]
-        if not live:
-            write_into([torch.zeros_like(p) for p in params], slots, accumulate)
-            continue
-        grad_into(
-            [grads[i] for i in live],
-            params,
-            [probes[i][k] for i in live],
-            slots,
-            accumulate,
-            retain_graph=True,
-        )
+    if not live:
+        if not accumulate:
+            for o in out:
+                o.zero_()
+        return out
+    outputs = [grads[i] for i in live]
+    with _SlotHooks(params) as hooks:
+        for k in range(K):
+            hooks.grad(
+                outputs,
+                [probes[i][k] for i in live],
+                [o[k] for o in out],
+                accumulate,
+                retain_graph=True,
+            )
     return out
 
 

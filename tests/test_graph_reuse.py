@@ -322,3 +322,30 @@ def test_host_waits_per_product_do_not_grow_with_the_model(backend):
             counts[depth, cache_graph] = syncs.count
     for cache_graph in (True, False):
         assert counts[2, cache_graph] == counts[30, cache_graph] <= 6, counts
+
+
+def test_state_snapshots_are_copies_even_of_one_tensor():
+    """``flat_by_dtype`` of a dtype with a single tensor is a copy, not a view of it (a
+    view would change with the tensor and hide the change from the staleness check)."""
+    from curvkit.operators.base import flat_by_dtype
+
+    t = torch.arange(6.0).reshape(2, 3)
+    snapshot = flat_by_dtype([t, torch.arange(3)])
+    t.data.mul_(2)
+    assert torch.equal(snapshot[torch.float32, t.device], torch.arange(6.0))
+
+
+def test_a_change_to_data_alone_in_its_dtype_is_noticed():
+    """Float32 inputs to a float64 model: the inputs are the only float32 tensor of the
+    state, and a change through ``.data`` (no version bump) still rebuilds the graph."""
+    case = make_case("mlp-relu", "ce-sum", [6])
+    X, y = case.data
+    X32 = X.float()
+    op = ck.HessianOperator(case.model, case.loss_fn, (X32, y), backend="double-backward")
+    V = _probes(op.shape[0], 2)
+    first = op @ V
+    op @ V  # validated from the second product on
+    X32.data.mul_(1.5)
+    case.batches = [(X32.double(), y)]
+    assert rel_err(first, dense_hessian(case) @ V) > 1e-3  # the change matters
+    assert rel_err(op @ V, dense_hessian(case) @ V) < 1e-6

@@ -201,7 +201,8 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
         return float(sum(self.compiled_product.compile_seconds.values()))
 
     def _build_graph(self, X, y, weight: float) -> list:
-        return first_backward(self.model, self.loss_fn, X, y, weight, self.params)
+        with differentiable_attention():
+            return first_backward(self.model, self.loss_fn, X, y, weight, self.params)
 
     # ------------------------------------------------------------------ backend choice
     @property
@@ -392,20 +393,21 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
         # a single probe needs no chunk (and no sizing, which would run inside a timed trial)
         chunk = self._chunk_for(name) if probes[0].shape[0] > 1 else 1
         if name in FORWARD_MODE_BACKENDS:
-            return batch_hvp(
-                self.model,
-                self.loss_fn,
-                X,
-                y,
-                weight,
-                self.params,
-                self.param_names,
-                probes,
-                name,
-                chunk,
-                out,
-                accumulate,
-            )
+            with differentiable_attention():  # a forward pass runs (a kept graph's does not)
+                return batch_hvp(
+                    self.model,
+                    self.loss_fn,
+                    X,
+                    y,
+                    weight,
+                    self.params,
+                    self.param_names,
+                    probes,
+                    name,
+                    chunk,
+                    out,
+                    accumulate,
+                )
         graph = self._batch_graph(X, y, weight, batch)  # after sizing, which builds its own
         return graph_hvp(graph, self.params, probes, name, chunk, out, accumulate)
 
@@ -425,14 +427,15 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
                 self.model, self.loss_fn, self.param_names, self.compile_backend
             )
         self._compiled_done = 0
-        compute = self.compiled_product.chunk_function(X, y, weight, self.params)
 
         def counted(chunk: list[Tensor]) -> list[Tensor]:
             res = compute(chunk)
             self._compiled_done += chunk[0].shape[0]  # written into ``out`` right after
             return res
 
-        return chunked_into(counted, probes, self.max_probes_per_chunk, out, accumulate)
+        with differentiable_attention():
+            compute = self.compiled_product.chunk_function(X, y, weight, self.params)
+            return chunked_into(counted, probes, self.max_probes_per_chunk, out, accumulate)
 
     def _run_or_fall_back(
         self,
@@ -498,7 +501,9 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
         accumulate: bool,
     ) -> None:
         kind = "single" if probes[0].shape[0] == 1 else "block"
-        with torch.enable_grad(), differentiable_attention():
+        # attention's math kernel is selected where a forward pass runs (graph builds,
+        # forward-mode backends): a product through a kept graph runs none
+        with torch.enable_grad():
             if kind not in self.backend_choices:
                 self._trial(kind, X, y, weight, probes, out, batch, accumulate)
                 return

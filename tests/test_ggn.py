@@ -186,7 +186,11 @@ def test_auto_takes_taylor_jvp_where_no_graph_is_kept() -> None:
     assert rel(cold @ v[:, 0], G_dense @ v[:, 0]) < TOL and cold.backend == "taylor-jvp"
     assert rel(cold @ v, G_dense @ v) < TOL and cold.backend == "taylor-jvp"  # chunks of 2
     kept = ck.GGNOperator(one.model, one.loss_fn, one.data)
-    assert rel(kept @ v[:, 0], G_dense @ v[:, 0]) < TOL and kept.backend == "double-vjp"
+    assert rel(kept @ v[:, 0], G_dense @ v[:, 0]) < TOL  # a trial picks the backend
+    assert kept.backend == kept.backend_choices["single"]
+    assert all(
+        isinstance(kept.backend_trials["single"][n], float) for n in ("double-vjp", "taylor-jvp")
+    )
     two = make_case("layernorm-gelu", "ce-mean", [4, 3])
     G_two = dense_ggn(two)
     several = ck.GGNOperator(two.model, two.loss_fn, two.data)
@@ -284,3 +288,72 @@ def test_block_chunk_sized_to_four_gradients() -> None:
     wide @ V
     wide.clear_cache()
     assert peak_allocated_bytes(lambda: wide @ V) - (K - 1) * D * V.element_size() > peak
+
+
+def _fake_trial_times(monkeypatch, seconds: dict[str, float]) -> None:
+    """Make every timed trial run of a GGN backend take ``seconds[backend]``."""
+
+    def timed(self, run):
+        out = run()
+        return out, seconds[self.backend]
+
+    monkeypatch.setattr(ck.GGNOperator, "_timed", timed)
+
+
+@pytest.mark.parametrize("faster", ["double-vjp", "taylor-jvp"])
+def test_kept_graph_trial_keeps_the_faster_backend(monkeypatch, faster) -> None:
+    """With a kept graph, ``auto`` times double VJP against Taylor mode once per kind and
+    keeps the faster (Taylor mode only below ``TAYLOR_MARGIN`` of double VJP); the products
+    match the oracle whichever is kept, and the graph stays for double VJP."""
+    from curvkit.operators import ggn
+
+    times = {"double-vjp": 1.0, "taylor-jvp": 0.5 if faster == "taylor-jvp" else 0.97}
+    assert times["taylor-jvp"] < 1.0 and (faster == "taylor-jvp") == (
+        times["taylor-jvp"] < ggn.TAYLOR_MARGIN
+    )
+    _fake_trial_times(monkeypatch, times)
+    case = make_case("bn-eval", "ce-mean", [5])
+    G_dense = dense_ggn(case)
+    V = torch.randn(G_dense.shape[0], 5, generator=torch.Generator().manual_seed(7), dtype=DTYPE)
+    G = ck.GGNOperator(case.model, case.loss_fn, case.data)
+    assert rel(G @ V[:, 0], G_dense @ V[:, 0]) < TOL
+    assert rel(G @ V, G_dense @ V) < TOL
+    assert G.backend_choices == {"single": faster, "block": faster} and G.backend == faster
+    assert G.backend_trials["block"] == times
+    assert rel(G @ V, G_dense @ V) < TOL and G.backend_trials["block"] == times  # no new trial
+
+
+def test_kept_graph_trial_drops_taylor_mode_without_a_rule() -> None:
+    case = make_case("mlp-tanh", "mse-mean", [4])
+    case.model[1] = nn.Hardswish()  # no Taylor-mode rule
+    G_dense = dense_ggn(case)
+    v = torch.randn(G_dense.shape[0], generator=torch.Generator().manual_seed(3), dtype=DTYPE)
+    G = ck.GGNOperator(case.model, case.loss_fn, case.data)
+    with warnings_as_errors():
+        assert rel(G @ v, G_dense @ v) < TOL
+    assert G.backend == "double-vjp" == G.backend_choices["single"]
+    assert "TaylorUnsupportedError" in G.backend_trials["single"]["taylor-jvp"]
+    G @ torch.stack([v, v], 1)
+    assert "block" not in G.backend_trials  # no trial once Taylor mode is known to fail
+    assert G.backend == "double-vjp"
+
+
+def test_kept_graph_trial_drops_a_disagreeing_taylor_mode(monkeypatch) -> None:
+    case = make_case("mlp-tanh", "mse-mean", [4])
+    G_dense = dense_ggn(case)
+    v = torch.randn(G_dense.shape[0], generator=torch.Generator().manual_seed(4), dtype=DTYPE)
+    G = ck.GGNOperator(case.model, case.loss_fn, case.data)
+    right = G._taylor_jvp_product
+    monkeypatch.setattr(G, "_taylor_jvp_product", lambda *a: [1.01 * r for r in right(*a)])
+    assert rel(G @ v, G_dense @ v) < TOL
+    assert G.backend_choices["single"] == "double-vjp"
+    assert "disagrees with double-vjp" in G.backend_trials["single"]["taylor-jvp"]
+
+
+@contextlib.contextmanager
+def warnings_as_errors():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield

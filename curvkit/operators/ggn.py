@@ -50,7 +50,13 @@ from curvkit.autodiff import (
 from curvkit.estimators.estimate import Estimate, exact_estimate
 from curvkit.linop import flatten_tensors
 from curvkit.operators.base import BLOCK_MEMORY_FACTOR, CurvatureOperator, preserved_state
-from curvkit.operators.quadratic_forms import TaylorQuadraticForms, check_quadratic_form_method
+from curvkit.operators.quadratic_forms import (
+    TRIAL_PROBES,
+    TaylorQuadraticForms,
+    agreement_tolerance,
+    check_quadratic_form_method,
+    relative_difference,
+)
 from curvkit.taylor import TaylorUnsupportedError, output_tangents
 
 __all__ = [
@@ -67,6 +73,12 @@ DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 #: eigenvalues of the output Hessian below this times ``M * eps * max|lambda|`` are zero
 _CUTOFF_FACTOR = 100.0
+
+#: with a kept graph, ``"auto"`` takes ``"taylor-jvp"`` only if its trial time is below this
+#: fraction of double VJP's through the kept graph (a tie is not worth re-running forward)
+TAYLOR_MARGIN = 0.95
+#: interleaved timing rounds of the trial (the best time of each candidate counts)
+TRIAL_ROUNDS = 2
 
 
 # ---------------------------------------------------------------------- small helpers
@@ -190,7 +202,17 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
             no ``J^T u`` graph to build (an isolated product costs about one forward and
             one backward fewer). ``"auto"`` (default): ``"taylor-jvp"`` for products whose
             graph is not kept (``cache_graph=False``, several batches, train-mode
-            BatchNorm), ``"double-vjp"`` otherwise. A
+            BatchNorm); where the graph is kept, a timed trial at the first product of each
+            kind (one vector, a block) runs both on the first batch (at most 8 probes, best
+            of two interleaved runs after an untimed double-VJP product that builds the
+            graph), checks Taylor mode against double VJP (agreement as for
+            :class:`curvkit.HessianOperator`'s backends) and keeps ``"taylor-jvp"`` if it
+            takes under ``TAYLOR_MARGIN`` (95%) of double VJP's time through the kept graph
+            (``backend_choices``, ``backend_trials``: seconds or why a candidate was
+            dropped). Re-running the forward pass can beat the kept graph: double
+            VJP differentiates the backward pass, and PyTorch's double-backward formulas of
+            some layers (BatchNorm, convolutions on a CPU) cost more than curvkit's forward
+            rules (ResNet-18 on a CPU: 1.8 against 2.4 gradients per product). A
             forward-mode backend that fails (an op without a rule or a torch.func
             transform) falls back to ``"double-vjp"``, with a warning unless it was
             ``"auto"``'s choice; ``backend_fallback_reason`` says why, and ``backend`` is
@@ -260,6 +282,10 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
         self.memory_budget = int(memory_budget)
         self.backend_fallback_reason: str | None = None
         self._taylor_failure: str | None = None  # why "taylor-jvp" cannot run this model
+        #: ``"auto"``'s choice per kind of product (``"single"``, ``"block"``) where the graph
+        #: is kept, and its trial's seconds (or why a candidate was dropped)
+        self.backend_choices: dict[str, str] = {}
+        self.backend_trials: dict[str, dict[str, float | str]] = {}
         self._init_quadratic_forms(quadratic_form_method)
         self._keep_graphs(cache_graph)
 
@@ -271,8 +297,10 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
             self._block_chunk = most = self.max_probes_per_chunk  # measured runs: all at once
             X, y = self._prepare(*self.batches.first())
 
+            name = self._product_backend("block")
+
             def run(probes: list[Tensor]) -> None:
-                self._batch_product(X, y, 1.0, probes)
+                self._batch_product(X, y, 1.0, probes, name=name)
 
             try:
                 budget = BLOCK_MEMORY_FACTOR * self.gradient_peak_bytes
@@ -306,7 +334,69 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
         batch: int,
         accumulate: bool,
     ) -> None:
-        write_into(self._batch_product(X, y, weight, probes, batch), out, accumulate)
+        kind = "single" if probes[0].shape[0] == 1 else "block"
+        if self._needs_trial(kind):
+            res = self._trial(kind, X, y, weight, probes, batch)
+        else:
+            res = self._batch_product(X, y, weight, probes, batch, self._product_backend(kind))
+        write_into(res, out, accumulate)
+
+    def _needs_trial(self, kind: str) -> bool:
+        return (
+            self.requested_backend == "auto"
+            and kind not in self.backend_choices
+            and self._taylor_failure is None
+            and self._keeps_graph()
+        )
+
+    def _trial(
+        self, kind: str, X, y, weight: float, probes: list[Tensor], batch: int
+    ) -> list[Tensor]:
+        """Time double VJP through the kept graph against ``"taylor-jvp"`` on this batch, keep
+        the faster that agrees (see ``backend``), and return the product of ``probes``."""
+        K = probes[0].shape[0]
+        head = [v[: min(K, TRIAL_PROBES)] for v in probes]
+        self._chunk_of(K)  # sized first: measuring builds (and drops) graphs of its own
+        # builds the graph the operator keeps, warms up, and is the reference
+        reference = self._batch_product(X, y, weight, head, batch, "double-vjp")
+        timings: dict[str, float | str] = {}
+        if all(bool(torch.isfinite(r).all()) for r in reference):
+            tol = agreement_tolerance(self.model, self.dtype, self.device)
+            alive = ["double-vjp", "taylor-jvp"]
+            for _ in range(TRIAL_ROUNDS):
+                for name in list(alive):
+                    try:
+                        res, elapsed = self._timed(
+                            lambda name=name: self._batch_product(X, y, weight, head, batch, name)
+                        )
+                    except RuntimeError as err:  # forward-mode rules PyTorch's ops reject
+                        if name == "double-vjp":
+                            raise
+                        self._taylor_failure = f"{type(err).__name__}: {str(err)[:200]}"
+                    if name == "taylor-jvp" and self._taylor_failure is not None:
+                        # no rule for an op of the model (``_batch_product`` fell back)
+                        timings[name] = self._taylor_failure
+                        alive.remove(name)
+                        continue
+                    err = relative_difference(res, reference)
+                    if not err <= tol:
+                        timings[name] = f"disagrees with double-vjp (rel. diff. {err:.1e})"
+                        alive.remove(name)
+                        continue
+                    timings[name] = min(elapsed, timings.get(name, float("inf")))
+        else:  # NaN/inf: nothing to compare against; the caller's check reports it
+            timings["taylor-jvp"] = "the reference product is not finite"
+        taylor = timings.get("taylor-jvp")
+        faster = isinstance(taylor, float) and taylor < TAYLOR_MARGIN * timings["double-vjp"]
+        choice = "taylor-jvp" if faster else "double-vjp"
+        self.backend_choices[kind] = choice
+        self.backend_trials[kind] = timings
+        if choice == "taylor-jvp" and kind == "block" and self.chunk_memory:
+            self._block_chunk = None  # sized for double VJP: measure the chosen backend's
+        if K == head[0].shape[0] and choice == "double-vjp":
+            self.backend = choice
+            return reference
+        return self._batch_product(X, y, weight, probes, batch, choice)
 
     def _loss_graph(self, out: Tensor, y, weight: float) -> _GGNGraph:
         """The model's output ``out`` (with its graph) and ``d loss / d out`` with its own."""
@@ -329,17 +419,21 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
             ]
         return graph
 
-    def _product_backend(self) -> str:
+    def _product_backend(self, kind: str) -> str:
+        """The backend of a product of this kind (``"single"`` or ``"block"``)."""
         if self.requested_backend != "auto":
             return "double-vjp" if self.backend == "double-vjp" else self.requested_backend
-        if self._taylor_failure is None and not self._keeps_graph():
+        if self._taylor_failure is not None:
+            return "double-vjp"
+        if not self._keeps_graph():
             return "taylor-jvp"
-        return "double-vjp"
+        return self.backend_choices.get(kind, "double-vjp")
 
     def _batch_product(
-        self, X, y, weight: float, probes: list[Tensor], batch: int = 0
+        self, X, y, weight: float, probes: list[Tensor], batch: int = 0, name: str = "double-vjp"
     ) -> list[Tensor]:
-        name = self._product_backend()
+        """``G_b @ V`` on one batch by backend ``name`` (falling back to double VJP where
+        a forward-mode backend cannot run the model)."""
         self.backend = name
         with torch.enable_grad(), differentiable_attention():
             if name == "taylor-jvp":

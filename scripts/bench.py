@@ -624,6 +624,12 @@ def measure(spec: dict) -> dict:
     }
     if G is not None:
         out["ggn_backend"] = getattr(G, "backend", None)
+        out["ggn_backend_choices"] = dict(G.backend_choices)
+        out["ggn_trials"] = {
+            kind: {n: (round(t, 6) if isinstance(t, float) else t) for n, t in trial.items()}
+            for kind, trial in G.backend_trials.items()
+        }
+        out["ggn_chunk_sizes"] = dict(G.chunk_sizes)
         out["ggn_quadratic_form"] = G.quadratic_form_choice
     return out
 

@@ -267,23 +267,25 @@ def test_output_tangents_keep_no_graph_of_their_own() -> None:
 
 
 def test_block_chunk_sized_to_four_gradients() -> None:
-    """CUDA's default chunking (max_probes_per_chunk=None), forced on the CPU: the chunk is
+    """The default chunking (max_probes_per_chunk=None) of a Taylor-mode pass: the chunk is
     measured to keep a K-probe product within 4 gradients' peak beyond its result, and
-    the products stay exact."""
+    the products stay exact; 16 probes per pass hold more."""
     from curvkit.live_memory import peak_allocated_bytes
 
     case = make_case("transformer", "ce-seq-mean", [4])
     G_dense = dense_ggn(case)
-    G = ck.GGNOperator(case.model, case.loss_fn, case.data)
-    G._block_chunk, G.max_probes_per_chunk = None, 16  # as on CUDA
+    G = ck.GGNOperator(case.model, case.loss_fn, case.data, backend="taylor-jvp")
     D, K = G.shape[0], 12
     V = torch.randn(K, D, generator=torch.Generator().manual_seed(0), dtype=DTYPE).T
     assert rel(G @ V, G_dense @ V) < TOL
-    assert 1 <= G.block_chunk < 16 and G.chunk_memory["budget"] == 4 * G.gradient_peak_bytes
+    assert 1 <= G.block_chunk < 16 and G.block_chunk == G.chunk_sizes["taylor-jvp"]
+    assert G.chunk_memory["taylor-jvp"]["budget"] == 4 * G.gradient_peak_bytes
     G.clear_cache()
     peak = peak_allocated_bytes(lambda: G @ V) - (K - 1) * D * V.element_size()
     assert peak <= 4 * G.gradient_peak_bytes
-    wide = ck.GGNOperator(case.model, case.loss_fn, case.data, max_probes_per_chunk=16)
+    wide = ck.GGNOperator(
+        case.model, case.loss_fn, case.data, backend="taylor-jvp", max_probes_per_chunk=16
+    )
     assert wide.block_chunk == 16
     wide @ V
     wide.clear_cache()

@@ -44,6 +44,7 @@ from curvkit.autodiff import (
     batch_hvp,
     batched_grad,
     check_finite,
+    chunked_into,
     differentiable_attention,
     write_into,
 )
@@ -79,6 +80,8 @@ _CUTOFF_FACTOR = 100.0
 TAYLOR_MARGIN = 0.95
 #: interleaved timing rounds of the trial (the best time of each candidate counts)
 TRIAL_ROUNDS = 2
+#: most probes per pass of a backend whose chunk is sized to the memory budget
+MAX_MEASURED_CHUNK = 16
 
 
 # ---------------------------------------------------------------------- small helpers
@@ -217,13 +220,16 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
             transform) falls back to ``"double-vjp"``, with a warning unless it was
             ``"auto"``'s choice; ``backend_fallback_reason`` says why, and ``backend`` is
             the backend of the latest product.
-        max_probes_per_chunk: most probes pushed through one batched backward. ``None``
-            (default): on CUDA, where batching removes launch overhead, as many as fit in
-            ``BLOCK_MEMORY_FACTOR`` (4) times one gradient's peak memory beyond the
-            ``(D, K)`` result (measured like :class:`curvkit.HessianOperator`'s chunks, at
-            most 16; ``block_chunk``, ``chunk_memory``); 2 on CPU, where the products are
-            compute-bound and larger chunks only cost memory (measured on the benchmark
-            models: 16 probes per chunk were 0-35% slower than 1-2).
+        max_probes_per_chunk: most probes pushed through one pass (a vmapped backward,
+            a Taylor-mode or ``torch.func`` forward). ``None`` (default): per backend, as
+            many as fit in ``BLOCK_MEMORY_FACTOR`` (4) times one gradient's peak memory
+            beyond the ``(D, K)`` result (measured like :class:`curvkit.HessianOperator`'s
+            chunks at the backend's first block product, at most 16; ``chunk_sizes``,
+            ``chunk_memory``), except double VJP on a CPU, which takes one probe at a time:
+            there a vmapped backward was 0-25% slower per probe than a loop on the
+            benchmark models (chunks of 1, 2, 4), while a Taylor-mode forward shared by 4
+            probes was 10-40% faster than by 1-2. A chunk's backward ``J^T`` runs vmapped on
+            CUDA and probe by probe on a CPU (for the same reason).
         memory_budget: bytes the per-sample VJP chunks of the exact diagonal may use.
         cache_graph: keep the forward graph, ``d loss / d out`` and (``"double-vjp"``) the
             ``J^T u`` graph of a one-batch operator between products, as
@@ -270,15 +276,11 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
         )
         self.requested_backend = backend
         self.backend = backend
-        #: probes per batched backward; sized to the memory budget at the first product
-        #: where ``max_probes_per_chunk`` is None on CUDA
-        self._block_chunk: int | None = max_probes_per_chunk
-        if max_probes_per_chunk is None:
-            max_probes_per_chunk = 16 if self.device.type == "cuda" else 2
-            if self.device.type != "cuda":
-                self._block_chunk = max_probes_per_chunk
         self.max_probes_per_chunk = max_probes_per_chunk
-        self.chunk_memory: dict[str, int] = {}
+        #: probes per pass of each backend (``max_probes_per_chunk``, or sized to the memory
+        #: budget at its first block product), and the measured bytes they were sized from
+        self.chunk_sizes: dict[str, int] = {}
+        self.chunk_memory: dict[str, dict[str, int]] = {}
         self.memory_budget = int(memory_budget)
         self.backend_fallback_reason: str | None = None
         self._taylor_failure: str | None = None  # why "taylor-jvp" cannot run this model
@@ -292,36 +294,64 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
     # ------------------------------------------------------------------ products
     @property
     def block_chunk(self) -> int:
-        """Probes per batched backward (and per Taylor-mode ``J V`` pass)."""
-        if self._block_chunk is None:
-            self._block_chunk = most = self.max_probes_per_chunk  # measured runs: all at once
-            X, y = self._prepare(*self.batches.first())
+        """Probes per pass of the block products' backend."""
+        return self._chunk_for(self._product_backend("block"))
 
-            name = self._product_backend("block")
+    def _chunk_for(self, name: str) -> int:
+        """Probes per pass of backend ``name`` (see ``max_probes_per_chunk``)."""
+        if self.max_probes_per_chunk is not None:
+            return self.max_probes_per_chunk
+        if name not in self.chunk_sizes:
+            if name == "double-vjp" and self.device.type != "cuda":
+                self.chunk_sizes[name] = 1
+                return 1
+            most = MAX_MEASURED_CHUNK
+            self.chunk_sizes[name] = most  # the measured runs push their probes at once
+            X, y = self._prepare(*self.batches.first())
 
             def run(probes: list[Tensor]) -> None:
                 self._batch_product(X, y, 1.0, probes, name=name)
 
             try:
                 budget = BLOCK_MEMORY_FACTOR * self.gradient_peak_bytes
-                self._block_chunk, self.chunk_memory = self._fit_chunk(run, most, budget)
+                self.chunk_sizes[name], self.chunk_memory[name] = self._fit_chunk(run, most, budget)
             except BaseException:
-                self._block_chunk = None  # sized again at the next product
+                del self.chunk_sizes[name]  # sized again at the next product
                 raise
-        return self._block_chunk
-
-    def _chunk_of(self, K: int) -> int:
-        """Probes per batched pass for ``K`` probes (a single one needs no sizing)."""
-        return 1 if K <= 1 else self.block_chunk
+        return self.chunk_sizes[name]
 
     def _probe_chunk(self) -> int:
-        return self.block_chunk
+        # a row-major block is staged this many probes at a time (enough for a trial)
+        return max(self.block_chunk, TRIAL_PROBES)
 
-    def _matmat_step(self, K: int, column_major: bool) -> int:
-        # one chunk of probes per call: the batched backward's (chunk, D) results are
-        # written into the result block before the next chunk's are made (the forward
-        # graph is shared by the chunks), instead of (K, D) temporaries for the whole block
-        return max(1, min(K, self._chunk_of(K)))
+    def _batched_backward(self, K: int) -> int:
+        """Probes per ``J^T`` backward of a pass of ``K``: all of them (vmapped) on CUDA or
+        with an explicit ``max_probes_per_chunk``, else one at a time."""
+        return K if self.device.type == "cuda" or self.max_probes_per_chunk else 1
+
+    def _chunked_product(
+        self,
+        name: str,
+        X,
+        y,
+        weight: float,
+        probes: list[Tensor],
+        batch: int,
+        out: list[Tensor] | None = None,
+        accumulate: bool = False,
+    ) -> list[Tensor]:
+        """``G_b @ V`` by backend ``name``, one chunk of its size at a time, each chunk's
+        products written into ``out`` before the next are made (``None``: returned)."""
+        kind = "single" if probes[0].shape[0] == 1 else "block"
+        chunk = 1 if kind == "single" else self._chunk_for(name)
+
+        def one_chunk(chunk_probes: list[Tensor]) -> list[Tensor]:
+            # after a fallback the rest runs by double VJP
+            failed = self._taylor_failure is not None or self.backend_fallback_reason is not None
+            current = self._product_backend(kind) if failed else name
+            return self._batch_product(X, y, weight, chunk_probes, batch, current)
+
+        return chunked_into(one_chunk, probes, chunk, out, accumulate)
 
     def _batch_matmat(
         self,
@@ -335,11 +365,16 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
         accumulate: bool,
     ) -> None:
         kind = "single" if probes[0].shape[0] == 1 else "block"
+        done = 0
         if self._needs_trial(kind):
-            res = self._trial(kind, X, y, weight, probes, batch)
-        else:
-            res = self._batch_product(X, y, weight, probes, batch, self._product_backend(kind))
-        write_into(res, out, accumulate)
+            head = self._trial(kind, X, y, weight, probes, batch)
+            done = head[0].shape[0]
+            write_into(head, [o[:done] for o in out], accumulate)
+            del head
+        if done < probes[0].shape[0]:
+            rest, slots = [v[done:] for v in probes], [o[done:] for o in out]
+            name = self._product_backend(kind)
+            self._chunked_product(name, X, y, weight, rest, batch, slots, accumulate)
 
     def _needs_trial(self, kind: str) -> bool:
         return (
@@ -352,22 +387,30 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
     def _trial(
         self, kind: str, X, y, weight: float, probes: list[Tensor], batch: int
     ) -> list[Tensor]:
-        """Time double VJP through the kept graph against ``"taylor-jvp"`` on this batch, keep
-        the faster that agrees (see ``backend``), and return the product of ``probes``."""
+        """Time double VJP through the kept graph against ``"taylor-jvp"`` on this batch (at
+        most ``TRIAL_PROBES`` probes, each backend in its own chunks), keep the faster that
+        agrees (see ``backend``), and return the products of those first probes."""
         K = probes[0].shape[0]
         head = [v[: min(K, TRIAL_PROBES)] for v in probes]
-        self._chunk_of(K)  # sized first: measuring builds (and drops) graphs of its own
+        if kind == "block":  # sized first: measuring builds (and drops) graphs of its own
+            for name in ("double-vjp", "taylor-jvp"):
+                try:
+                    self._chunk_for(name)
+                except TaylorUnsupportedError as err:
+                    self._taylor_failure = f"{type(err).__name__}: {err}"
         # builds the graph the operator keeps, warms up, and is the reference
-        reference = self._batch_product(X, y, weight, head, batch, "double-vjp")
+        reference = self._chunked_product("double-vjp", X, y, weight, head, batch)
         timings: dict[str, float | str] = {}
-        if all(bool(torch.isfinite(r).all()) for r in reference):
+        if self._taylor_failure is not None:
+            timings["taylor-jvp"] = self._taylor_failure
+        elif all(bool(torch.isfinite(r).all()) for r in reference):
             tol = agreement_tolerance(self.model, self.dtype, self.device)
             alive = ["double-vjp", "taylor-jvp"]
             for _ in range(TRIAL_ROUNDS):
                 for name in list(alive):
                     try:
                         res, elapsed = self._timed(
-                            lambda name=name: self._batch_product(X, y, weight, head, batch, name)
+                            lambda name=name: self._chunked_product(name, X, y, weight, head, batch)
                         )
                     except RuntimeError as err:  # forward-mode rules PyTorch's ops reject
                         if name == "double-vjp":
@@ -391,12 +434,10 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
         choice = "taylor-jvp" if faster else "double-vjp"
         self.backend_choices[kind] = choice
         self.backend_trials[kind] = timings
-        if choice == "taylor-jvp" and kind == "block" and self.chunk_memory:
-            self._block_chunk = None  # sized for double VJP: measure the chosen backend's
-        if K == head[0].shape[0] and choice == "double-vjp":
+        if choice == "double-vjp":
             self.backend = choice
             return reference
-        return self._batch_product(X, y, weight, probes, batch, choice)
+        return self._chunked_product(choice, X, y, weight, head, batch)
 
     def _loss_graph(self, out: Tensor, y, weight: float) -> _GGNGraph:
         """The model's output ``out`` (with its graph) and ``d loss / d out`` with its own."""
@@ -422,7 +463,8 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
     def _product_backend(self, kind: str) -> str:
         """The backend of a product of this kind (``"single"`` or ``"block"``)."""
         if self.requested_backend != "auto":
-            return "double-vjp" if self.backend == "double-vjp" else self.requested_backend
+            fell_back = self.backend == "double-vjp" and self.backend_fallback_reason
+            return "double-vjp" if fell_back else self.requested_backend
         if self._taylor_failure is not None:
             return "double-vjp"
         if not self._keeps_graph():
@@ -471,18 +513,12 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
 
     def _taylor_jvp_product(self, X, y, weight: float, probes: list[Tensor]) -> list[Tensor]:
         """``J^T Lambda J V`` with ``J V`` from the forward pass that records ``J^T``'s graph,
-        one pass per chunk of probes (:func:`curvkit.taylor.output_tangents`)."""
-        K = probes[0].shape[0]
-        c = self._chunk_of(K)
-        pieces = []
-        for s in range(0, K, c):
-            chunk = [v[s : s + c] for v in probes]
-            out, JV = output_tangents(self.model, X, self.params, chunk)
-            graph = self._loss_graph(_as_output_tensor(out), y, weight)
-            if JV is None:  # the output does not depend on the parameters
-                JV = graph.out.new_zeros(chunk[0].shape[0], *graph.out.shape)
-            pieces.append(self._apply_lambda_and_vjp(graph, JV))
-        return [torch.cat(parts) for parts in zip(*pieces)] if len(pieces) > 1 else pieces[0]
+        one pass for all of ``probes`` (:func:`curvkit.taylor.output_tangents`)."""
+        out, JV = output_tangents(self.model, X, self.params, probes)
+        graph = self._loss_graph(_as_output_tensor(out), y, weight)
+        if JV is None:  # the output does not depend on the parameters
+            JV = graph.out.new_zeros(probes[0].shape[0], *graph.out.shape)
+        return self._apply_lambda_and_vjp(graph, JV)
 
     def _jvp_double_vjp(self, graph: _GGNGraph, probes: list[Tensor]) -> Tensor:
         """``J V`` as ``d (J^T u) / d u`` applied to the probes; returns ``(K, *out.shape)``."""
@@ -493,7 +529,7 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
             [e for e, _ in pairs],
             [graph.u],
             [v for _, v in pairs],
-            self._chunk_of(probes[0].shape[0]),
+            probes[0].shape[0],
         )
         return JV
 
@@ -502,12 +538,12 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
         K = JV.shape[0]
         if graph.g is None:  # loss linear in the outputs
             return [torch.zeros(K, *p.shape, dtype=p.dtype, device=p.device) for p in self.params]
-        (LJV,) = batched_grad([graph.g], [graph.out_d], [JV], self._chunk_of(K))
-        res = batched_grad([graph.out], self.params, [LJV], self._chunk_of(K))
+        (LJV,) = batched_grad([graph.g], [graph.out_d], [JV], K)
+        res = batched_grad([graph.out], self.params, [LJV], self._batched_backward(K))
         return [r.detach() for r in res]
 
     def _forward_jvp(self, X, probes: list[Tensor]) -> Tensor:
-        """``J V`` by ``torch.func.jvp`` vmapped over chunks of probes."""
+        """``J V`` by ``torch.func.jvp`` vmapped over the probes."""
         from torch.func import functional_call, jvp, vmap
 
         buffers = {n: b.clone() for n, b in self.model.named_buffers()}
@@ -519,9 +555,7 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
         def jvp_one(*tangents):
             return jvp(f, primals, tangents)[1]
 
-        K = probes[0].shape[0]
-        c = self._chunk_of(K)
-        return torch.cat([vmap(jvp_one)(*[v[s : s + c] for v in probes]) for s in range(0, K, c)])
+        return vmap(jvp_one)(*probes)
 
     # ------------------------------------------------------------------ exact diagonal
     def _samples_coupled(self) -> bool:

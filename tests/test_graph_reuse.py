@@ -349,3 +349,35 @@ def test_a_change_to_data_alone_in_its_dtype_is_noticed():
     case.batches = [(X32.double(), y)]
     assert rel_err(first, dense_hessian(case) @ V) > 1e-3  # the change matters
     assert rel_err(op @ V, dense_hessian(case) @ V) < 1e-6
+
+
+def test_a_change_to_strided_data_is_noticed():
+    """Inputs that are a transposed view (not contiguous): the staleness samples are views
+    of their memory, not copies, so a change through ``.data`` still rebuilds the graph."""
+    case = make_case("mlp-relu", "ce-sum", [6])
+    X, y = case.data
+    Xt = X.T.contiguous().T  # same values, column-major
+    assert not Xt.is_contiguous()
+    op = ck.HessianOperator(case.model, case.loss_fn, (Xt, y), backend="double-backward")
+    V = _probes(op.shape[0], 2)
+    first = op @ V
+    op @ V  # validated from the second product on
+    Xt.data.mul_(1.5)
+    case.batches = [(Xt, y)]
+    assert rel_err(first, dense_hessian(case) @ V) > 1e-3  # the change matters
+    assert rel_err(op @ V, dense_hessian(case) @ V) < TOL
+
+
+def test_a_zero_size_parameter_in_single_products():
+    """A parameter with no entries (a zero-width layer) has its empty slot in a single
+    product's views, and the product equals that of the other parameters."""
+    case = make_case("mlp-relu", "ce-sum", [6])
+    empty = torch.nn.Parameter(torch.empty(0, 3, dtype=torch.float64))
+    case.model.register_parameter("empty", empty)
+    params = list(case.model.parameters())
+    assert params[0] is empty
+    op = ck.HessianOperator(case.model, case.loss_fn, case.data, backend="double-backward")
+    v = _probes(op.shape[0], 1)[:, 0]
+    rest = ck.HessianOperator(case.model, case.loss_fn, case.data, params=params[1:])
+    torch.testing.assert_close(op @ v, rest @ v, rtol=1e-12, atol=1e-12)
+    assert rel_err(op @ v, dense_hessian(case) @ v) < TOL

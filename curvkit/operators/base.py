@@ -120,12 +120,17 @@ def _equal_groups(a: dict[tuple, Tensor], b: dict[tuple, Tensor]) -> bool:
 
 
 def _strided_sample(t: Tensor) -> Tensor:
-    """About 16 evenly spaced entries of ``t``, flat (a view; call under ``no_grad``)."""
+    """About 16 evenly spaced entries of ``t``: a view of ``t``'s own memory (never a copy,
+    which would not follow later changes), flat where ``t`` is contiguous. Call under
+    ``no_grad``."""
     n = t.numel()
-    step = max(1, n // 16)
     if t.is_contiguous():  # one call where reshape-and-slice is two
+        step = max(1, n // 16)
         return t.as_strided(((n + step - 1) // step,), (step,))
-    return t.reshape(-1)[::step]
+    # a strided tensor (transposed, channels-last, expanded): reshape would copy it, so
+    # slice each dimension instead, about 16 ** (1 / ndim) entries along each
+    per_dim = max(1, round(16 ** (1 / t.ndim)))
+    return t[tuple(slice(None, None, max(1, d // per_dim)) for d in t.shape)]
 
 
 @contextlib.contextmanager
@@ -229,7 +234,13 @@ class CurvatureOperator(LinearOperator):
         ]
         self.couples_samples = _contains_train_batchnorm(model)
         # the (1, *param.shape) views of one probe's row, as shapes (``_split_rows``)
-        self._row_shapes = [torch.empty((1, *p.shape), device="meta") for p in self.params]
+        # (unflattening gives a zero-size parameter a fresh (0,) tensor, not a view: no
+        # shortcut then)
+        self._row_shapes = (
+            [torch.empty((1, *p.shape), device="meta") for p in self.params]
+            if all(p.numel() for p in self.params)
+            else None
+        )
         self._keep_graphs(False)
         if check_deterministic:
             self._check_deterministic()
@@ -437,7 +448,7 @@ class CurvatureOperator(LinearOperator):
     def _split_rows(self, rows: Tensor) -> list[Tensor]:
         """``(n, D)`` rows -> per-parameter views ``(n, *param.shape)`` (no copies)."""
         n = rows.shape[0]
-        if n == 1 and rows.is_contiguous():
+        if n == 1 and rows.is_contiguous() and self._row_shapes is not None:
             # all views in one call (a view per parameter from Python costs a call each)
             return list(_unflatten_dense_tensors(rows.view(-1), self._row_shapes))
         sizes = [p.numel() for p in self.params]

@@ -229,7 +229,8 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
             there a vmapped backward was 0-25% slower per probe than a loop on the
             benchmark models (chunks of 1, 2, 4), while a Taylor-mode forward shared by 4
             probes was 10-40% faster than by 1-2. A chunk's backward ``J^T`` runs vmapped on
-            CUDA and probe by probe on a CPU (for the same reason).
+            CUDA or with an explicit ``max_probes_per_chunk``, else probe by probe on a CPU
+            (for the same reason).
         memory_budget: bytes the per-sample VJP chunks of the exact diagonal may use.
         cache_graph: keep the forward graph, ``d loss / d out`` and (``"double-vjp"``) the
             ``J^T u`` graph of a one-batch operator between products, as
@@ -312,12 +313,18 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
             def run(probes: list[Tensor]) -> None:
                 self._batch_product(X, y, 1.0, probes, name=name)
 
+            latest = self.backend
             try:
                 budget = BLOCK_MEMORY_FACTOR * self.gradient_peak_bytes
                 self.chunk_sizes[name], self.chunk_memory[name] = self._fit_chunk(run, most, budget)
             except BaseException:
                 del self.chunk_sizes[name]  # sized again at the next product
                 raise
+            fell_back = self.backend != name  # the runs were double VJP's: not this backend's
+            self.backend = latest  # the latest *product's* backend
+            if fell_back:
+                del self.chunk_sizes[name], self.chunk_memory[name]
+                return self._chunk_for("double-vjp")
         return self.chunk_sizes[name]
 
     def _probe_chunk(self) -> int:
@@ -343,13 +350,18 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
         """``G_b @ V`` by backend ``name``, one chunk of its size at a time, each chunk's
         products written into ``out`` before the next are made (``None``: returned)."""
         kind = "single" if probes[0].shape[0] == 1 else "block"
-        chunk = 1 if kind == "single" else self._chunk_for(name)
+        chunk = 1 if kind == "single" else self._chunk_for(name)  # sizing may find a fallback
+
+        def effective() -> str:
+            # after a fallback (Taylor mode or torch.func cannot run the model) double VJP
+            failed = self._taylor_failure is not None or self.backend_fallback_reason is not None
+            return self._product_backend(kind) if failed and name != "double-vjp" else name
+
+        if kind == "block" and effective() != name:
+            chunk = self._chunk_for(effective())
 
         def one_chunk(chunk_probes: list[Tensor]) -> list[Tensor]:
-            # after a fallback the rest runs by double VJP
-            failed = self._taylor_failure is not None or self.backend_fallback_reason is not None
-            current = self._product_backend(kind) if failed else name
-            return self._batch_product(X, y, weight, chunk_probes, batch, current)
+            return self._batch_product(X, y, weight, chunk_probes, batch, effective())
 
         return chunked_into(one_chunk, probes, chunk, out, accumulate)
 
@@ -393,11 +405,11 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
         K = probes[0].shape[0]
         head = [v[: min(K, TRIAL_PROBES)] for v in probes]
         if kind == "block":  # sized first: measuring builds (and drops) graphs of its own
-            for name in ("double-vjp", "taylor-jvp"):
-                try:
-                    self._chunk_for(name)
-                except TaylorUnsupportedError as err:
-                    self._taylor_failure = f"{type(err).__name__}: {err}"
+            self._chunk_for("double-vjp")
+            try:
+                self._chunk_for("taylor-jvp")  # an op without a rule: falls back, recorded
+            except RuntimeError as err:  # a forward-mode op PyTorch rejects
+                self._taylor_failure = f"{type(err).__name__}: {str(err)[:200]}"
         # builds the graph the operator keeps, warms up, and is the reference
         reference = self._chunked_product("double-vjp", X, y, weight, head, batch)
         timings: dict[str, float | str] = {}
@@ -427,8 +439,9 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
                         alive.remove(name)
                         continue
                     timings[name] = min(elapsed, timings.get(name, float("inf")))
-        else:  # NaN/inf: nothing to compare against; the caller's check reports it
-            timings["taylor-jvp"] = "the reference product is not finite"
+        else:  # NaN/inf: nothing to compare against, no choice is kept, and the caller's
+            self.backend = "double-vjp"  # finiteness check reports the problem
+            return reference
         taylor = timings.get("taylor-jvp")
         faster = isinstance(taylor, float) and taylor < TAYLOR_MARGIN * timings["double-vjp"]
         choice = "taylor-jvp" if faster else "double-vjp"
@@ -437,6 +450,9 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
         if choice == "double-vjp":
             self.backend = choice
             return reference
+        del reference
+        if all(c == "taylor-jvp" for c in self.backend_choices.values()):
+            self.clear_cache()  # the trial's J^T u graph would be held for nothing
         return self._chunked_product(choice, X, y, weight, head, batch)
 
     def _loss_graph(self, out: Tensor, y, weight: float) -> _GGNGraph:

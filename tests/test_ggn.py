@@ -266,15 +266,16 @@ def test_output_tangents_keep_no_graph_of_their_own() -> None:
     assert out.requires_grad and not JV.requires_grad and JV.shape == (3, *out.shape)
 
 
-def test_block_chunk_sized_to_four_gradients() -> None:
-    """The default chunking (max_probes_per_chunk=None) of a Taylor-mode pass: the chunk is
-    measured to keep a K-probe product within 4 gradients' peak beyond its result, and
-    the products stay exact; 16 probes per pass hold more."""
+def test_block_chunk_sized_to_four_gradients(monkeypatch) -> None:
+    """CUDA's default chunking (max_probes_per_chunk=None) of a Taylor-mode pass, forced
+    on the CPU: the chunk is measured to keep a K-probe product within 4 gradients' peak
+    beyond its result, and the products stay exact; 16 probes per pass hold more."""
     from curvkit.live_memory import peak_allocated_bytes
 
     case = make_case("transformer", "ce-seq-mean", [4])
     G_dense = dense_ggn(case)
     G = ck.GGNOperator(case.model, case.loss_fn, case.data, backend="taylor-jvp")
+    monkeypatch.setattr(G, "_measures_chunks", lambda: True)
     D, K = G.shape[0], 12
     V = torch.randn(K, D, generator=torch.Generator().manual_seed(0), dtype=DTYPE).T
     assert rel(G @ V, G_dense @ V) < TOL
@@ -360,3 +361,16 @@ def warnings_as_errors():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         yield
+
+
+def test_cpu_default_chunks() -> None:
+    """On a CPU double VJP takes one probe at a time and Taylor mode two, unmeasured."""
+    from curvkit.operators import ggn
+
+    case = make_case("mlp-tanh", "mse-mean", [4])
+    G = ck.GGNOperator(case.model, case.loss_fn, case.data)
+    assert G._chunk_for("double-vjp") == 1
+    assert G._chunk_for("taylor-jvp") == ggn.CPU_FORWARD_CHUNK == 2
+    assert G.chunk_memory == {}
+    explicit = ck.GGNOperator(case.model, case.loss_fn, case.data, max_probes_per_chunk=3)
+    assert explicit._chunk_for("double-vjp") == explicit._chunk_for("taylor-jvp") == 3

@@ -82,6 +82,8 @@ TAYLOR_MARGIN = 0.95
 TRIAL_ROUNDS = 2
 #: most probes per pass of a backend whose chunk is sized to the memory budget
 MAX_MEASURED_CHUNK = 16
+#: probes per Taylor-mode (or ``torch.func``) forward pass on a CPU
+CPU_FORWARD_CHUNK = 2
 
 
 # ---------------------------------------------------------------------- small helpers
@@ -221,16 +223,19 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
             ``"auto"``'s choice; ``backend_fallback_reason`` says why, and ``backend`` is
             the backend of the latest product.
         max_probes_per_chunk: most probes pushed through one pass (a vmapped backward,
-            a Taylor-mode or ``torch.func`` forward). ``None`` (default): per backend, as
-            many as fit in ``BLOCK_MEMORY_FACTOR`` (4) times one gradient's peak memory
-            beyond the ``(D, K)`` result (measured like :class:`curvkit.HessianOperator`'s
-            chunks at the backend's first block product, at most 16; ``chunk_sizes``,
-            ``chunk_memory``), except double VJP on a CPU, which takes one probe at a time:
-            there a vmapped backward was 0-25% slower per probe than a loop on the
-            benchmark models (chunks of 1, 2, 4), while a Taylor-mode forward shared by 4
-            probes was 10-40% faster than by 1-2. A chunk's backward ``J^T`` runs vmapped on
-            CUDA or with an explicit ``max_probes_per_chunk``, else probe by probe on a CPU
-            (for the same reason).
+            a Taylor-mode or ``torch.func`` forward). ``None`` (default): on CUDA, per
+            backend, as many as fit in ``BLOCK_MEMORY_FACTOR`` (4) times one gradient's peak
+            memory beyond the ``(D, K)`` result (measured like
+            :class:`curvkit.HessianOperator`'s chunks at the backend's first block product,
+            at most 16; ``chunk_sizes``, ``chunk_memory``). On a CPU double VJP takes one
+            probe at a time (a vmapped backward was 0-25% slower per probe than a loop on
+            the benchmark models) and a forward pass two (``CPU_FORWARD_CHUNK``): larger
+            Taylor-mode chunks amortise the forward further (ResNet-18: 1.58, 1.48, 1.36
+            gradients per probe with 2, 4, 12 probes) but their resident memory, oneDNN's
+            scratch space outside PyTorch's allocator included, is 2.5-3 times their live
+            tensors (3.9, 6.3, 9.8 times the gradient's resident set), so sizing to live
+            memory overshoots the budget there. A chunk's backward ``J^T`` runs vmapped on
+            CUDA or with an explicit ``max_probes_per_chunk``, else probe by probe.
         memory_budget: bytes the per-sample VJP chunks of the exact diagonal may use.
         cache_graph: keep the forward graph, ``d loss / d out`` and (``"double-vjp"``) the
             ``J^T u`` graph of a one-batch operator between products, as
@@ -303,9 +308,9 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
         if self.max_probes_per_chunk is not None:
             return self.max_probes_per_chunk
         if name not in self.chunk_sizes:
-            if name == "double-vjp" and self.device.type != "cuda":
-                self.chunk_sizes[name] = 1
-                return 1
+            if not self._measures_chunks():  # fixed chunks on a CPU (see the docstring)
+                self.chunk_sizes[name] = 1 if name == "double-vjp" else CPU_FORWARD_CHUNK
+                return self.chunk_sizes[name]
             most = MAX_MEASURED_CHUNK
             self.chunk_sizes[name] = most  # the measured runs push their probes at once
             X, y = self._prepare(*self.batches.first())
@@ -326,6 +331,10 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
                 del self.chunk_sizes[name], self.chunk_memory[name]
                 return self._chunk_for("double-vjp")
         return self.chunk_sizes[name]
+
+    def _measures_chunks(self) -> bool:
+        """Whether default chunks are sized to the memory budget (on CUDA; fixed on a CPU)."""
+        return self.device.type == "cuda"
 
     def _probe_chunk(self) -> int:
         # a row-major block is staged this many probes at a time (enough for a trial)

@@ -128,6 +128,26 @@ def test_every_ggn_backend_on_cuda(spec, backend):
         assert G.backend == "taylor-jvp" and G.backend_fallback_reason is None
 
 
+@pytest.mark.parametrize(
+    "spec", [("mlp-tanh", "ce-mean", [4]), ("cnn", "ce-mean", [4]), ("bn-eval", "ce-mean", [5])]
+)
+def test_ggn_kept_graph_trial_on_cuda(spec):
+    """With a kept graph, the GGN's trial (double VJP against Taylor mode, each backend's
+    chunks sized on CUDA) keeps a backend per kind; the products match the oracle."""
+    case = make_case(*spec)
+    G_dense = _oracle(case, "ggn")
+    data = _on_cuda(case)
+    V = _probes(G_dense.shape[0], 11)
+    expected = (G_dense @ V.cpu()).cuda()
+    G = ck.GGNOperator(case.model, case.loss_fn, data)
+    assert rel_err(G @ V[:, 0], expected[:, 0]) < TOL
+    assert rel_err(G @ V, expected) < TOL
+    assert rel_err(G @ V, expected) < TOL  # the kept choice, (maybe) the kept graph
+    assert set(G.backend_choices) == {"single", "block"}
+    assert set(G.backend_trials["block"]) == {"double-vjp", "taylor-jvp"}
+    assert G.chunk_sizes[G.backend_choices["block"]] >= 1
+
+
 @pytest.mark.parametrize("spec", [("mlp-tanh", "ce-mean", [3, 5]), ("cnn", "ce-mean", [4])])
 def test_compiled_backend_on_cuda(spec):
     """torch.compile's Triton kernels: the compiled product against the oracle."""

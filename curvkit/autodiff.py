@@ -63,6 +63,7 @@ __all__ = [
     "EAGER_BACKENDS",
     "FORWARD_MODE_BACKENDS",
     "CompiledHVP",
+    "affine_batchnorm",
     "batch_hvp",
     "batched_grad",
     "check_finite",
@@ -106,6 +107,52 @@ def differentiable_attention() -> Iterator[None]:
         return
     with sdpa_kernel([SDPBackend.MATH]):
         yield
+
+
+#: the BatchNorm classes whose eval-mode forward :func:`affine_batchnorm` may replace
+_AFFINE_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _affine_forward(self: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
+    """Eval-mode BatchNorm as ``x * scale + shift`` per channel (dimension 1)."""
+    scale = torch.rsqrt(self.running_var + self.eps)
+    if self.weight is not None:
+        scale = self.weight * scale
+    shift = -self.running_mean * scale
+    if self.bias is not None:
+        shift = shift + self.bias
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return x * scale.view(shape) + shift.view(shape)
+
+
+@contextlib.contextmanager
+def affine_batchnorm(model: nn.Module) -> Iterator[None]:
+    """Run eval-mode BatchNorm layers (running statistics) as the per-channel affine map
+    they are, ``x * scale + shift``, instead of ``batch_norm``.
+
+    The same numbers to rounding, but a graph built through them is cheaper to
+    differentiate twice: PyTorch's double backward of ``batch_norm`` is the general
+    train-mode formula even in eval mode (a kept-graph Hessian product of the benchmark's
+    CPU ResNet-18, batch 32: 2.28 gradients against 2.36 with ``batch_norm``, paired
+    medians of 9). Train-mode layers, layers without running statistics and subclasses
+    are left alone.
+    """
+    swapped = [
+        m
+        for m in model.modules()
+        if type(m) in _AFFINE_BATCHNORMS
+        and not m.training
+        and m.running_mean is not None
+        and m.running_var is not None
+        and "forward" not in m.__dict__
+    ]
+    for m in swapped:
+        m.forward = types.MethodType(_affine_forward, m)
+    try:
+        yield
+    finally:
+        for m in swapped:
+            del m.forward
 
 
 def check_finite(value: Tensor, what: str) -> None:
@@ -444,7 +491,8 @@ def first_backward(
     parameters), not as tensors: the second backward needs only the graph, so the gradient's
     values (one parameter-sized vector) are freed at once instead of being held with it.
     """
-    loss = weight * loss_fn(model(X), y)
+    with affine_batchnorm(model):  # cheaper to differentiate twice (same values)
+        loss = weight * loss_fn(model(X), y)
     check_finite(loss.detach(), "the loss")
     grads = gradient(loss, params, create_graph=True)
     return [get_gradient_edge(g) if g.requires_grad else None for g in grads]

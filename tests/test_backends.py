@@ -346,3 +346,33 @@ def test_single_products_size_no_chunks():
     assert op.chunk_sizes == {} and "block" not in op.backend_trials
     op @ _probes(op.shape[0], 3)
     assert set(op.chunk_sizes) == {"batched", "forward-over-reverse"}
+
+
+def test_affine_batchnorm_swaps_only_eval_layers_with_statistics_and_restores():
+    """Eval BatchNorm runs as ``x * scale + shift`` inside the context (same values), and
+    nothing else changes; the original forward is back afterwards, also after an error."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3),
+        torch.nn.BatchNorm2d(3),
+        torch.nn.Flatten(),
+        torch.nn.BatchNorm1d(12, affine=False),
+        torch.nn.BatchNorm1d(12, track_running_stats=False),
+    ).double()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1), model[1].running_var.uniform_(0.5, 2)
+        model[1].weight.uniform_(0.5, 2), model[1].bias.uniform_(-1, 1)
+        model[3].running_mean.uniform_(-1, 1), model[3].running_var.uniform_(0.5, 2)
+    model.eval()
+    X = torch.randn(5, 2, 4, 4, dtype=torch.float64)
+    expected = model(X)
+    with autodiff.affine_batchnorm(model):
+        assert "forward" in model[1].__dict__ and "forward" in model[3].__dict__
+        assert "forward" not in model[4].__dict__  # no running statistics: batch statistics
+        torch.testing.assert_close(model(X), expected, rtol=1e-12, atol=1e-12)
+    assert all("forward" not in m.__dict__ for m in model)
+    model[1].train()
+    with pytest.raises(RuntimeError, match="boom"), autodiff.affine_batchnorm(model):
+        assert "forward" not in model[1].__dict__  # train mode: left alone
+        raise RuntimeError("boom")
+    assert all("forward" not in m.__dict__ for m in model)

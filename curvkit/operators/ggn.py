@@ -41,6 +41,7 @@ from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_map
 
 from curvkit.autodiff import (
+    affine_batchnorm,
     batch_hvp,
     batched_grad,
     check_finite,
@@ -473,7 +474,9 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
         return _GGNGraph(out, out_d, g if g.requires_grad else None)
 
     def _build_graph(self, X, y, weight: float) -> _GGNGraph:
-        graph = self._loss_graph(_as_output_tensor(self.model(X)), y, weight)
+        with affine_batchnorm(self.model):  # its J^T u is differentiated again
+            out = self.model(X)
+        graph = self._loss_graph(_as_output_tensor(out), y, weight)
         if self.backend == "double-vjp":
             # J^T u with its graph: differentiated w.r.t. u, it gives J V
             graph.u = torch.zeros_like(graph.out, requires_grad=True)

@@ -693,7 +693,7 @@ def _forward_ad(model, loss_fn, X, y, weight, params, param_names):
 
 def _reverse_over_forward(model, loss_fn, X, y, weight, params, probes, out, accumulate):
     """One forward of first-order jets and one backward per probe, each product written
-    straight into ``out`` (:func:`grad_into`)."""
+    straight into ``out`` (:class:`_SlotHooks`)."""
     from curvkit.taylor import loss_directional_derivatives
 
     K = probes[0].shape[0]
@@ -711,16 +711,17 @@ def _reverse_over_forward(model, loss_fn, X, y, weight, params, probes, out, acc
     if out is None:
         out = [torch.empty((K, *p.shape), dtype=p.dtype, device=p.device) for p in params]
         accumulate = False
-    for k in range(K):
-        probe = [v[k : k + 1] for v in probes]
-        (slope,) = loss_directional_derivatives(model, loss_fn, X, y, weight, params, probe)
-        slots = [o[k] for o in out]
-        if not slope.requires_grad:  # g^T v constant in the parameters: H v = 0
-            write_into([torch.zeros_like(p) for p in params], slots, accumulate)
-        else:
-            grad_into([slope], params, None, slots, accumulate)
-        if k == 0:  # once the backward is queued (see above)
-            check_finite(slope.detach(), "the loss's directional derivative")
+    with _SlotHooks(params) as hooks:  # registered once for all probes
+        for k in range(K):
+            probe = [v[k : k + 1] for v in probes]
+            (slope,) = loss_directional_derivatives(model, loss_fn, X, y, weight, params, probe)
+            slots = [o[k] for o in out]
+            if not slope.requires_grad:  # g^T v constant in the parameters: H v = 0
+                write_into([torch.zeros_like(p) for p in params], slots, accumulate)
+            else:
+                hooks.grad([slope], None, slots, accumulate, retain_graph=False)
+            if k == 0:  # once the backward is queued (see above)
+                check_finite(slope.detach(), "the loss's directional derivative")
     return out
 
 

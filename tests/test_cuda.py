@@ -44,6 +44,16 @@ def _probes(D: int, K: int) -> torch.Tensor:
     return torch.randn(D, K, generator=g, dtype=torch.float64).cuda()
 
 
+def _problem(spec, kind: str, K: int):
+    """``(case, data, V, expected)``: a case with its model on the GPU, ``K`` probes on the
+    GPU and the oracle's products (``kind``: ``"hessian"`` or ``"ggn"``) moved there."""
+    case = make_case(*spec)
+    dense = _oracle(case, kind)
+    data = _on_cuda(case)
+    V = _probes(dense.shape[0], K)
+    return case, data, V, (dense @ V.cpu()).cuda()
+
+
 @pytest.mark.parametrize(
     "spec", [("mlp-tanh", "ce-mean", [3, 5]), ("transformer", "ce-seq-mean", [4])]
 )
@@ -66,11 +76,7 @@ def test_products_on_cuda_match_cpu_oracle(spec):
 @pytest.mark.parametrize("spec", CASE_SPECS, ids=case_ids())
 def test_every_hessian_backend_on_cuda(spec, backend):
     """H @ v and H @ V (K = 5, chunks of 2), kept graph and isolated products."""
-    case = make_case(*spec)
-    H_dense = _oracle(case, "hessian")
-    data = _on_cuda(case)
-    V = _probes(H_dense.shape[0], 5)
-    expected = (H_dense @ V.cpu()).cuda()
+    case, data, V, expected = _problem(spec, "hessian", 5)
     for cache_graph in (True, False):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # documented fallbacks
@@ -112,11 +118,7 @@ def test_taylor_quadratic_forms_on_cuda(spec):
 @pytest.mark.parametrize("backend", ["double-vjp", "forward", "taylor-jvp", "auto"])
 @pytest.mark.parametrize("spec", CASE_SPECS, ids=case_ids())
 def test_every_ggn_backend_on_cuda(spec, backend):
-    case = make_case(*spec)
-    G_dense = _oracle(case, "ggn")
-    data = _on_cuda(case)
-    V = _probes(G_dense.shape[0], 5)
-    expected = (G_dense @ V.cpu()).cuda()
+    case, data, V, expected = _problem(spec, "ggn", 5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # forward mode on train BatchNorm
         G = ck.GGNOperator(
@@ -134,11 +136,7 @@ def test_every_ggn_backend_on_cuda(spec, backend):
 def test_ggn_kept_graph_trial_on_cuda(spec):
     """With a kept graph, the GGN's trial (double VJP against Taylor mode, each backend's
     chunks sized on CUDA) keeps a backend per kind; the products match the oracle."""
-    case = make_case(*spec)
-    G_dense = _oracle(case, "ggn")
-    data = _on_cuda(case)
-    V = _probes(G_dense.shape[0], 11)
-    expected = (G_dense @ V.cpu()).cuda()
+    case, data, V, expected = _problem(spec, "ggn", 11)
     G = ck.GGNOperator(case.model, case.loss_fn, data)
     assert rel_err(G @ V[:, 0], expected[:, 0]) < TOL
     assert rel_err(G @ V, expected) < TOL

@@ -57,7 +57,7 @@ from curvkit.operators.quadratic_forms import (
     TaylorQuadraticForms,
     agreement_tolerance,
     check_quadratic_form_method,
-    relative_difference,
+    disagreement,
 )
 from curvkit.taylor import TaylorUnsupportedError, output_tangents
 
@@ -443,9 +443,9 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
                         timings[name] = self._taylor_failure
                         alive.remove(name)
                         continue
-                    err = relative_difference(res, reference)
-                    if not err <= tol:
-                        timings[name] = f"disagrees with double-vjp (rel. diff. {err:.1e})"
+                    why = disagreement(res, reference, tol, "double-vjp")
+                    if why is not None:
+                        timings[name] = why
                         alive.remove(name)
                         continue
                     timings[name] = min(elapsed, timings.get(name, float("inf")))

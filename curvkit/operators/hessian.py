@@ -27,7 +27,7 @@ from curvkit.operators.quadratic_forms import (
     TaylorQuadraticForms,
     agreement_tolerance,
     check_quadratic_form_method,
-    relative_difference,
+    disagreement,
 )
 
 __all__ = ["HessianOperator"]
@@ -340,9 +340,9 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
                 timings["compiled"] = _reason(err)
                 alive.remove("compiled")
             else:
-                err = relative_difference(res, reference)
-                if not err <= tol:
-                    timings["compiled"] = f"disagrees with double-backward (rel. diff. {err:.1e})"
+                why = disagreement(res, reference, tol, "double-backward")
+                if why is not None:
+                    timings["compiled"] = why
                     alive.remove("compiled")
         for _ in range(TRIAL_ROUNDS):  # interleaved rounds, best time per candidate
             for name in list(alive):
@@ -360,9 +360,9 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
                     timings[name] = _reason(err)
                     alive.remove(name)
                     continue
-                err = relative_difference(res, reference)
-                if not err <= tol:
-                    timings[name] = f"disagrees with double-backward (rel. diff. {err:.1e})"
+                why = disagreement(res, reference, tol, "double-backward")
+                if why is not None:
+                    timings[name] = why
                     alive.remove(name)
                     continue
                 if name not in FORWARD_MODE_BACKENDS:

@@ -29,6 +29,7 @@ __all__ = [
     "QUADRATIC_FORM_METHODS",
     "TaylorQuadraticForms",
     "check_quadratic_form_method",
+    "disagreement",
     "relative_difference",
 ]
 
@@ -63,6 +64,15 @@ def relative_difference(a: list[Tensor], b: list[Tensor]) -> float:
         num = sum(float((x - z).double().pow(2).sum()) for x, z in zip(a, b))
         den = sum(float(z.double().pow(2).sum()) for z in b)
     return (num / den) ** 0.5 if den > 0 else num**0.5
+
+
+def disagreement(
+    result: list[Tensor], reference: list[Tensor], tol: float, reference_name: str
+) -> str | None:
+    """Why a trial candidate's ``result`` cannot stand for ``reference`` (computed by
+    ``reference_name``), or ``None`` where they agree to ``tol`` (relative)."""
+    err = relative_difference(result, reference)
+    return None if err <= tol else f"disagrees with {reference_name} (rel. diff. {err:.1e})"
 
 
 def _tf32_may_run(model: torch.nn.Module) -> bool:
@@ -270,9 +280,10 @@ class TaylorQuadraticForms:
         except Exception as err:  # any failure of Taylor mode leaves v^T (A v), recorded
             timings["taylor"] = _failure(err)
         else:
-            err = relative_difference([results["taylor"]], [results["hvp"]])
-            if not err <= agreement_tolerance(self.model, self.dtype, self.device):
-                timings["taylor"] = f"disagrees with v^T (A v) (rel. diff. {err:.1e})"
+            tol = agreement_tolerance(self.model, self.dtype, self.device)
+            why = disagreement([results["taylor"]], [results["hvp"]], tol, "v^T (A v)")
+            if why is not None:
+                timings["taylor"] = why
         timed = {n: t for n, t in timings.items() if isinstance(t, float)}
         choice = min(timed, key=timed.get)
         self.quadratic_form_trial = timings

@@ -221,10 +221,12 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> SweepConfig
         )
 
     backend = raw.get("backend", "auto")
-    from curvkit.autodiff import BACKENDS
+    from curvkit.operators.hessian import HESSIAN_BACKENDS
 
-    if backend != "auto" and backend not in BACKENDS:
-        raise _fail(f"backend must be 'auto' or one of {list(BACKENDS)}, got {backend!r}", source)
+    if backend != "auto" and backend not in HESSIAN_BACKENDS:
+        raise _fail(
+            f"backend must be 'auto' or one of {list(HESSIAN_BACKENDS)}, got {backend!r}", source
+        )
 
     # ---------------------------------------------------------------- data
     data = raw.get("data")

@@ -291,6 +291,10 @@ class CurvatureOperator(LinearOperator):
 
     def clear_cache(self) -> None:
         """Release the kept first-backward graph (the next product builds a new one)."""
+        self._release_graph()
+
+    def _release_graph(self) -> None:
+        """Drop the graph (and, in subclasses, what they hold with it)."""
         self._graph = None
         self._graph_state = None
 
@@ -344,8 +348,7 @@ class CurvatureOperator(LinearOperator):
                 return graph
             if self.cache_graph and b == batch and self._graph_state is not None:
                 return graph  # validated at the start of this product
-        self._graph = None  # free the previous batch's graph before building this one
-        self._graph_state = None
+        self._release_graph()  # free the previous batch's graph before building this one
         graph = self._build_graph(X, y, weight)
         self._graph = (batch, X, y, graph)
         return graph

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvkit import cuda_graphs as graphs
 from curvkit.autodiff import (
     BACKENDS,
     FORWARD_MODE_BACKENDS,
@@ -20,6 +22,7 @@ from curvkit.autodiff import (
     differentiable_attention,
     first_backward,
     graph_hvp,
+    second_backward,
     write_into,
 )
 from curvkit.operators.base import BLOCK_MEMORY_FACTOR, CurvatureOperator
@@ -30,7 +33,10 @@ from curvkit.operators.quadratic_forms import (
     disagreement,
 )
 
-__all__ = ["HessianOperator"]
+__all__ = ["HESSIAN_BACKENDS", "HessianOperator"]
+
+#: the backends of :class:`HessianOperator`: :mod:`curvkit.autodiff`'s and ``"graphed"``
+HESSIAN_BACKENDS = (*BACKENDS, "graphed")
 
 #: most probes a block trial of backend="auto" runs per candidate
 TRIAL_PROBES = 8
@@ -80,6 +86,20 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
     backends), recording ``self.backend_fallback_reason``. Without ``compile=True`` nothing
     is compiled.
 
+    CUDA graphs (``cuda_graphs=True``, the default; CUDA devices only): where the operator
+    keeps its graph (see below), ``"auto"`` also tries ``"graphed"``: the second backward
+    through the kept graph, captured once as a CUDA graph (:mod:`curvkit.cuda_graphs`) and
+    replayed for each probe. A replay launches all of a product's kernels with one call,
+    which removes the host's per-kernel cost that bounds a small model's product on a GPU.
+    Its trial captures it (untimed; the agreement check), then times replays; it is kept
+    only if it takes less than ``GRAPHED_MARGIN`` (90%) of the fastest eager candidate's
+    time. A capture belongs to one kept graph: after the graph is rebuilt, the next product
+    runs as double backward and the one after captures again, so an operator whose graph
+    changes before every product never pays for a capture. The capture holds its second
+    backward's working memory (a private memory pool) and one parameter-sized result for
+    as long as the graph is kept. ``backend="graphed"`` asks for it without a trial (where
+    no graph is kept, its products run as double backward).
+
     Graph reuse (``cache_graph=True``, the default): over one in-memory ``(X, y)`` batch,
     the forward pass and first backward (the gradient with its graph) are kept after a
     product and reused by the next, so repeated products (Lanczos, CG, estimators calling
@@ -99,7 +119,7 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
             :class:`curvkit.operators.base.CurvatureOperator`.
         backend: ``"auto"`` or one of ``"double-backward"``, ``"batched"``,
             ``"forward-over-reverse"``, ``"forward-ad"``, ``"reverse-over-forward"``,
-            ``"compiled"`` (see :mod:`curvkit.autodiff`).
+            ``"compiled"`` (see :mod:`curvkit.autodiff`), ``"graphed"`` (see above; CUDA).
         max_probes_per_chunk: most probes a batched backend (``"batched"``,
             ``"forward-over-reverse"``, ``"compiled"``) pushes through at once.
         memory_budget: bytes a product of ``K`` probes may hold beyond its ``(D, K)``
@@ -130,6 +150,7 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
         compile_backend: ``torch.compile``'s ``backend=`` for ``"compiled"``: a registered
             name (``"inductor"``, the default; ``"aot_eager"`` compiles without code
             generation) or a callable.
+        cuda_graphs: let ``"auto"`` try ``"graphed"`` on a CUDA device (see above).
     """
 
     def __init__(
@@ -148,10 +169,13 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
         quadratic_form_method: str = "auto",
         compile: bool = False,
         compile_backend: str | Callable = "inductor",
+        cuda_graphs: bool = True,
     ) -> None:
         check_quadratic_form_method(quadratic_form_method)
-        if backend != "auto" and backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {BACKENDS}")
+        if backend != "auto" and backend not in HESSIAN_BACKENDS:
+            raise ValueError(
+                f"unknown backend {backend!r}; choose 'auto' or one of {HESSIAN_BACKENDS}"
+            )
         if compile or backend == "compiled":
             check_compile_backend(compile_backend)
         if max_probes_per_chunk < 1:
@@ -191,6 +215,17 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
         # fallback after a failing chunk computes only the rest)
         self._compiled_done = 0
         self._keep_graphs(cache_graph)
+        if backend == "graphed" and not graphs.available(self.device):
+            raise ValueError(
+                f"backend 'graphed' replays CUDA graphs, but the operator runs on "
+                f"{self.device}; use backend='double-backward' (the same product uncaptured) "
+                "or move the model to a CUDA device"
+            )
+        self.cuda_graphs = bool(cuda_graphs)
+        #: the kept graph's captured second backward (``"graphed"``), dropped with it
+        self.replay: graphs.Replay | None = None
+        #: products made through the kept graph so far (a capture waits for the second)
+        self._graph_products = 0
 
     @property
     def compile_seconds(self) -> float:
@@ -201,8 +236,67 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
         return float(sum(self.compiled_product.compile_seconds.values()))
 
     def _build_graph(self, X, y, weight: float) -> list:
-        with differentiable_attention():
+        # a graph that may be captured is built on the capture stream: autograd runs each
+        # backward op on its forward op's stream, and a capture records one stream
+        stream = (
+            graphs.on_capture_stream(self.device)
+            if self._offers_graphed()
+            else contextlib.nullcontext()
+        )
+        with differentiable_attention(), stream:
             return first_backward(self.model, self.loss_fn, X, y, weight, self.params)
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def _offers_graphed(self) -> bool:
+        """Whether ``"graphed"`` can run: a CUDA device and a kept graph, and asked for
+        (``backend="graphed"``, or ``"auto"`` with ``cuda_graphs``)."""
+        asked = self.requested_backend == "graphed" or (
+            self.requested_backend == "auto" and self.cuda_graphs
+        )
+        return asked and graphs.available(self.device) and self._keeps_graph()
+
+    def _release_graph(self) -> None:
+        self.replay = None  # before the graph whose memory its kernels read
+        self._graph_products = 0
+        super()._release_graph()
+
+    def _product_done(self) -> None:
+        super()._product_done()
+        if self._graph is not None:  # kept for the next product
+            self._graph_products += 1
+
+    def _capture(self, graph: list) -> graphs.Replay:
+        """Capture the second backward of one probe through ``graph`` (the kept graph)."""
+
+        def product(probes: list[Tensor]) -> list[Tensor]:
+            hv = second_backward(graph, self.params, [v[0] for v in probes])
+            return [h.unsqueeze(0) for h in hv]
+
+        self.replay = graphs.Replay(product, self.params, chunk=1)
+        return self.replay
+
+    def _run_graphed(
+        self,
+        X,
+        y,
+        weight: float,
+        probes: list[Tensor],
+        out: list[Tensor] | None,
+        batch: int,
+        accumulate: bool,
+    ) -> list[Tensor]:
+        """``"graphed"``: replays of the kept graph's captured second backward, one probe
+        each. The first product on a graph runs uncaptured (double backward); the second
+        captures. Where no graph is kept, double backward."""
+        graph = self._batch_graph(X, y, weight, batch)
+        if self.replay is None:
+            if not self._offers_graphed() or self._graph_products == 0:
+                return graph_hvp(graph, self.params, probes, "double-backward", 1, out, accumulate)
+            self._capture(graph)
+        replay = self.replay
+        if out is None:  # the replay's outputs are overwritten by the next replay
+            return chunked_into(lambda v: [h.clone() for h in replay(v)], probes, 1, None, False)
+        return chunked_into(replay, probes, 1, out, accumulate)
 
     # ------------------------------------------------------------------ backend choice
     @property
@@ -277,7 +371,11 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
             # "forward-ad" and "reverse-over-forward" re-run forward and backward per probe:
             # never faster than the loop over one reused graph for several probes
             names = ["double-backward", "batched", "forward-over-reverse"]
-        return [*names, "compiled"] if self.compile else names
+        if self.compile:
+            names.append("compiled")
+        if self._offers_graphed():
+            names.append("graphed")
+        return names
 
     def _trial(
         self,
@@ -318,7 +416,7 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
         reference = self._run("double-backward", X, y, weight, trial_probes, batch=batch)
         kept = self._keeps_graph()
         if not kept:  # the first build may be the process's first pass: time a warm one
-            self._graph = None
+            self._release_graph()
             _, warm_s = self._timed(lambda: self._batch_graph(X, y, weight, batch))
             build_s = min(build_s, warm_s)
         graph_charge = 0.0 if kept else build_s * chunk / K
@@ -332,18 +430,22 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
             self._run("double-backward", X, y, weight, probes, out, batch, accumulate)
             return
         alive = [n for n in self._candidates(kind) if n not in timings]
-        if "compiled" in alive:  # compile (untimed warm-up) and check agreement once
+        # compile or capture (an untimed warm-up) and check agreement once
+        for name in [n for n in ("compiled", "graphed") if n in alive]:
             try:
-                res = self._run("compiled", X, y, weight, trial_probes, batch=batch)
+                if name == "graphed" and self.replay is None:
+                    self._capture(self._batch_graph(X, y, weight, batch))
+                res = self._run(name, X, y, weight, trial_probes, batch=batch)
                 self._sync_device()
-            except Exception as err:  # whatever compilation raises: drop, never fail
-                timings["compiled"] = _reason(err)
-                alive.remove("compiled")
+            except Exception as err:  # whatever compiling or capturing raises: drop
+                timings[name] = _reason(err)
+                alive.remove(name)
+                self.replay = None if name == "graphed" else self.replay
             else:
                 why = disagreement(res, reference, tol, "double-backward")
                 if why is not None:
-                    timings["compiled"] = why
-                    alive.remove("compiled")
+                    timings[name] = why
+                    alive.remove(name)
         for _ in range(TRIAL_ROUNDS):  # interleaved rounds, best time per candidate
             for name in list(alive):
                 try:
@@ -354,7 +456,7 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
                     )
                 except Exception as err:
                     if name == "double-backward" or not (
-                        name == "compiled" or isinstance(err, RuntimeError)
+                        name in _ANY_ERROR_DROPS or isinstance(err, RuntimeError)
                     ):
                         raise
                     timings[name] = _reason(err)
@@ -369,6 +471,8 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
                     elapsed += graph_charge
                 timings[name] = min(elapsed, timings.get(name, float("inf")))
         choice = choose_backend(timings)
+        if choice != "graphed" and "graphed" not in self.backend_choices.values():
+            self.replay = None  # not chosen: its memory is not held
         self.backend_trials[kind] = timings
         self.backend_choices[kind] = choice
         self.backend = choice
@@ -390,6 +494,8 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
     ) -> list[Tensor]:
         if name == "compiled":
             return self._run_compiled(X, y, weight, probes, out, accumulate)
+        if name == "graphed":
+            return self._run_graphed(X, y, weight, probes, out, batch, accumulate)
         # a single probe needs no chunk (and no sizing, which would run inside a timed trial)
         chunk = self._chunk_for(name) if probes[0].shape[0] > 1 else 1
         if name in FORWARD_MODE_BACKENDS:
@@ -449,19 +555,21 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
         accumulate: bool,
     ) -> None:
         """``_run``; a forward-mode backend that fails is replaced by double backward for
-        this and every later product, with a warning (the compiled one on any exception)."""
+        this and every later product, with a warning (the compiled and graphed ones on any
+        exception)."""
         self._compiled_done = 0
         try:
             self._run(name, X, y, weight, probes, out, batch, accumulate)
         except Exception as err:
-            if name not in FORWARD_MODE_BACKENDS or not (
-                name == "compiled" or isinstance(err, RuntimeError)
+            if name not in (*FORWARD_MODE_BACKENDS, "graphed") or not (
+                name in _ANY_ERROR_DROPS or isinstance(err, RuntimeError)
             ):
                 raise
+            self.replay = None
             # torch.func transforms and forward-mode AD reject some models (in-place
             # buffer updates of train-mode BatchNorm under vmap, ops without forward-mode
-            # rules, curvkit's TaylorUnsupportedError), compilation may fail; double
-            # backward computes the same product.
+            # rules, curvkit's TaylorUnsupportedError), compilation and capture may fail;
+            # double backward computes the same product.
             self.backend_fallback_reason = f"{type(err).__name__}: {err}"
             warnings.warn(
                 f"{name} failed on this model; using double-backward instead ({str(err)[:200]})",
@@ -544,24 +652,33 @@ LEAN_MARGIN = 1.1
 #: the compiled product must beat the fastest eager candidate by this factor to be chosen:
 #: compiled code is kept only where it measurably helps
 COMPILED_MARGIN = 0.9
+#: likewise the CUDA-graph replay, which holds its working memory between products
+GRAPHED_MARGIN = 0.9
+#: the candidates that beat the eager ones only by these margins
+_MARGINS = {"compiled": COMPILED_MARGIN, "graphed": GRAPHED_MARGIN}
+#: the candidates any exception drops (others: a RuntimeError, such as a missing rule)
+_ANY_ERROR_DROPS = ("compiled", "graphed")
 
 
 def choose_backend(timings: dict[str, float | str]) -> str:
     """The fastest timed candidate (strings are reasons a candidate was dropped), except
     that ``"double-backward"`` (one graph, one probe at a time) wins over the vectorised
     backends (``"batched"``, ``"forward-over-reverse"``: memory grows with the chunk)
-    unless they take less than ``VECTORISED_MARGIN`` of its time, and ``"compiled"`` is
-    chosen only if it takes less than ``COMPILED_MARGIN`` of the fastest eager candidate's
-    time; ``"reverse-over-forward"``, the leanest, wins when within ``LEAN_MARGIN`` of the
-    fastest eager time."""
+    unless they take less than ``VECTORISED_MARGIN`` of its time, ``"compiled"`` and
+    ``"graphed"`` are chosen only if they take less than ``COMPILED_MARGIN`` /
+    ``GRAPHED_MARGIN`` of the fastest eager candidate's time (the faster of the two if
+    both do), and ``"reverse-over-forward"``, the leanest, wins when within
+    ``LEAN_MARGIN`` of the fastest eager time."""
     timed = {n: t for n, t in timings.items() if isinstance(t, float)}
-    compiled = timed.pop("compiled", None)
+    special = {n: timed.pop(n) for n in _MARGINS if n in timed}
     if not timed:
-        if compiled is None:
+        if not special:
             raise ValueError("no candidate backend was timed")
-        return "compiled"
-    if compiled is not None and compiled < COMPILED_MARGIN * min(timed.values()):
-        return "compiled"
+        return min(special, key=special.get)
+    fastest = min(timed.values())
+    winners = {n: t for n, t in special.items() if t < _MARGINS[n] * fastest}
+    if winners:
+        return min(winners, key=winners.get)
     return _choose_eager(timed)
 
 

@@ -1,0 +1,196 @@
+"""The ``"graphed"`` backend's bookkeeping, on the CPU, with an eager stand-in for the capture.
+
+A real capture needs CUDA (tests/test_cuda.py runs it there). Here ``capture`` is replaced by
+one that runs the product at each replay and writes it into the outputs of its first run,
+as a replayed CUDA graph does. So everything around the capture is tested against the dense
+oracle: when it captures, that a replay belongs to one kept graph (a replay that outlived a
+rebuilt graph would return the old graph's products), the zero-padding of short chunks, the
+trial and the fallbacks.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import curvkit as ck
+from curvkit import cuda_graphs
+from curvkit.operators.hessian import GRAPHED_MARGIN, choose_backend
+from tests.cases import dense_hessian, make_case, rel_err
+
+TOL = 1e-10
+
+
+class EagerCapture:
+    """``cuda_graphs.capture`` without CUDA: each replay reruns ``run`` into the outputs."""
+
+    def __init__(self) -> None:
+        self.captures = 0
+        self.fail = False
+
+    def __call__(self, run, device):
+        if self.fail:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        self.captures += 1
+        outputs = run()
+
+        def replay() -> None:
+            for o, r in zip(outputs, run()):
+                o.copy_(r)
+
+        return outputs, replay
+
+
+@pytest.fixture
+def capture(monkeypatch) -> EagerCapture:
+    stand_in = EagerCapture()
+    monkeypatch.setattr(cuda_graphs, "capture", stand_in)
+    monkeypatch.setattr(cuda_graphs, "available", lambda device: True)
+    return stand_in
+
+
+def _probes(D: int, K: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(D, K, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ("mlp-relu", "ce-sum", [6]),
+        ("cnn", "mse-sum", [5]),
+        ("bn-eval", "ce-mean", [3, 5]),  # two batches: no kept graph, double backward
+        ("bn-train", "ce-mean", [6]),  # train-mode BatchNorm: no kept graph
+        ("transformer", "ce-seq-mean", [4]),
+    ],
+)
+def test_graphed_matches_dense_oracle(capture, spec):
+    """The first product on a kept graph runs uncaptured, the second captures, later ones
+    replay; all match the dense Hessian. Without a kept graph nothing is captured."""
+    case = make_case(*spec)
+    dense = dense_hessian(case)
+    H = ck.HessianOperator(case.model, case.loss_fn, case.data, backend="graphed")
+    V = _probes(H.shape[0], 3)
+    assert rel_err(H @ V[:, 0], dense @ V[:, 0]) < TOL
+    assert capture.captures == 0
+    for i in range(3):
+        assert rel_err(H @ V, dense @ V) < TOL
+        assert rel_err(H @ V[:, i], dense @ V[:, i]) < TOL
+    if H._keeps_graph():
+        assert capture.captures == 1
+        assert H.replay.replays == 3 * (3 + 1)
+    else:
+        assert capture.captures == 0 and H.replay is None
+
+
+def test_graphed_replay_is_dropped_with_its_graph(capture):
+    """A parameter changed in place rebuilds the graph; the replay of the old graph must go
+    with it (else it returns the old Hessian's products), and the capture waits for the
+    second product on the new graph."""
+    case = make_case("mlp-tanh", "mse-mean", [7])
+    H = ck.HessianOperator(case.model, case.loss_fn, case.data, backend="graphed")
+    v = _probes(H.shape[0], 1)[:, 0]
+    H @ v
+    H @ v
+    assert capture.captures == 1
+    with torch.no_grad():
+        next(case.model.parameters()).mul_(1.5)
+    dense = dense_hessian(case)
+    assert rel_err(H @ v, dense @ v) < TOL
+    assert H.replay is None and capture.captures == 1
+    assert rel_err(H @ v, dense @ v) < TOL
+    assert capture.captures == 2
+    H.clear_cache()
+    assert H.replay is None
+
+
+def test_auto_tries_graphed_only_with_a_kept_graph(capture):
+    case = make_case("mlp-relu", "ce-sum", [6])
+    v = _probes(sum(p.numel() for p in case.model.parameters()), 1)[:, 0]
+    H = ck.HessianOperator(case.model, case.loss_fn, case.data)
+    H @ v
+    assert isinstance(H.backend_trials["single"]["graphed"], float)
+    assert capture.captures == 1
+    if H.backend_choices["single"] != "graphed":  # not chosen: its memory is not held
+        assert H.replay is None
+    for kwargs in ({"cache_graph": False}, {"cuda_graphs": False}):
+        H = ck.HessianOperator(case.model, case.loss_fn, case.data, **kwargs)
+        H @ v
+        assert "graphed" not in H.backend_trials["single"]
+
+
+def test_auto_chooses_graphed_when_faster_and_replays(capture, monkeypatch):
+    from curvkit.operators import hessian as hessian_module
+
+    monkeypatch.setattr(
+        hessian_module, "choose_backend", lambda t: "graphed" if "graphed" in t else "?"
+    )
+    case = make_case("cnn", "ce-mean", [4, 2])  # two batches
+    dense = dense_hessian(case)
+    X = torch.cat([X for X, _ in case.batches])
+    y = torch.cat([y for _, y in case.batches])
+    H = ck.HessianOperator(case.model, case.loss_fn, (X, y))
+    V = _probes(H.shape[0], 4)
+    for _ in range(2):
+        assert rel_err(H @ V[:, 0], dense @ V[:, 0]) < TOL
+        assert rel_err(H @ V, dense @ V) < TOL
+    assert H.backend_choices == {"single": "graphed", "block": "graphed"}
+    # the block trial sizes the batched backend's chunks, which rebuilds the graph: the
+    # single trial's capture goes with the old graph, and the block trial captures again
+    assert capture.captures == 2
+    assert H.replay.replays > 2 * 4
+
+
+def test_failing_capture_is_dropped_by_auto_and_falls_back_when_asked(capture):
+    capture.fail = True
+    case = make_case("mlp-tanh", "bce", [4, 3])
+    X = torch.cat([X for X, _ in case.batches])
+    y = torch.cat([y for _, y in case.batches])
+    dense = dense_hessian(case)
+    v = _probes(dense.shape[0], 1)[:, 0]
+    H = ck.HessianOperator(case.model, case.loss_fn, (X, y))
+    assert rel_err(H @ v, dense @ v) < TOL
+    assert "not permitted when stream is capturing" in H.backend_trials["single"]["graphed"]
+    assert H.replay is None
+    H = ck.HessianOperator(case.model, case.loss_fn, (X, y), backend="graphed")
+    H @ v  # uncaptured
+    with pytest.warns(RuntimeWarning, match="graphed failed"):
+        assert rel_err(H @ v, dense @ v) < TOL
+    assert H.backend == "double-backward" and "stream is capturing" in H.backend_fallback_reason
+    assert rel_err(H @ v, dense @ v) < TOL
+
+
+def test_replay_pads_short_chunks_and_overwrites_its_outputs(capture):
+    W = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    replay = cuda_graphs.Replay(lambda vs: [vs[0] @ W.T], [torch.zeros(4, dtype=W.dtype)], 4)
+    a = torch.randn(4, 4, dtype=W.dtype)
+    assert torch.equal(replay([a])[0], a @ W.T)
+    first = replay([a[:2]])[0]
+    assert torch.equal(first, a[:2] @ W.T) and torch.equal(replay.probes[0][2:], torch.zeros(2, 4))
+    second = replay([2 * a[:2]])[0]
+    assert torch.equal(first, second)  # views of the same outputs: valid until the next call
+    with pytest.raises(ValueError, match="at most 4 probes"):
+        replay([torch.zeros(5, 4, dtype=W.dtype)])
+    assert replay.reserved_bytes == 0  # measured on CUDA only
+
+
+def test_graphed_backend_needs_cuda():
+    case = make_case("mlp-tanh", "mse-mean", [7])
+    with pytest.raises(ValueError, match="replays CUDA graphs.*double-backward"):
+        ck.HessianOperator(case.model, case.loss_fn, case.data, backend="graphed")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        H = ck.HessianOperator(case.model, case.loss_fn, case.data)
+        H @ torch.ones(H.shape[0], dtype=torch.float64)
+    assert "graphed" not in H.backend_trials["single"]  # not offered off CUDA
+
+
+def test_choose_backend_keeps_graphed_only_when_clearly_faster():
+    eager = {"double-backward": 1.0, "batched": 2.0}
+    assert choose_backend({**eager, "graphed": GRAPHED_MARGIN * 0.99}) == "graphed"
+    assert choose_backend({**eager, "graphed": GRAPHED_MARGIN * 1.01}) == "double-backward"
+    assert choose_backend({**eager, "graphed": 0.5, "compiled": 0.4}) == "compiled"
+    assert choose_backend({**eager, "graphed": 0.4, "compiled": 0.5}) == "graphed"
+    assert choose_backend({**eager, "graphed": "RuntimeError: ..."}) == "double-backward"
+    assert choose_backend({"graphed": 0.4}) == "graphed"

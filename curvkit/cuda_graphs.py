@@ -120,6 +120,13 @@ class Replay:
         #: replays so far
         self.replays = 0
 
+    def release(self) -> None:
+        """Order the capture stream's later work after the replays already queued: call it
+        before dropping the replay and the graph it reads (their memory, allocated on the
+        capture stream, is reused there, and a replay still in flight reads it)."""
+        if self.device.type == "cuda":
+            _capture_stream(self.device).wait_stream(torch.cuda.current_stream(self.device))
+
     def __call__(self, probes: Sequence[Tensor]) -> list[Tensor]:
         """The products of ``probes`` (blocks of ``n <= chunk`` probes), as views of the
         static outputs: valid until the next call."""

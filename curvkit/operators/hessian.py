@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -11,7 +10,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvkit import cuda_graphs as graphs
 from curvkit.autodiff import (
     BACKENDS,
     FORWARD_MODE_BACKENDS,
@@ -26,6 +24,7 @@ from curvkit.autodiff import (
     write_into,
 )
 from curvkit.operators.base import BLOCK_MEMORY_FACTOR, CurvatureOperator
+from curvkit.operators.graphed import GRAPHED_MARGIN, GraphedProducts
 from curvkit.operators.quadratic_forms import (
     TaylorQuadraticForms,
     agreement_tolerance,
@@ -46,7 +45,7 @@ TRIAL_ROUNDS = 2
 BATCHED_BACKENDS = ("batched", "forward-over-reverse")
 
 
-class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
+class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
     """``H = d^2 L / d theta^2`` of the loss ``L`` over all of ``data``.
 
     Over several batches the operator equals the Hessian of the concatenated batch, for
@@ -215,17 +214,7 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
         # fallback after a failing chunk computes only the rest)
         self._compiled_done = 0
         self._keep_graphs(cache_graph)
-        if backend == "graphed" and not graphs.available(self.device):
-            raise ValueError(
-                f"backend 'graphed' replays CUDA graphs, but the operator runs on "
-                f"{self.device}; use backend='double-backward' (the same product uncaptured) "
-                "or move the model to a CUDA device"
-            )
-        self.cuda_graphs = bool(cuda_graphs)
-        #: the kept graph's captured second backward (``"graphed"``), dropped with it
-        self.replay: graphs.Replay | None = None
-        #: products made through the kept graph so far (a capture waits for the second)
-        self._graph_products = 0
+        self._init_graphed(cuda_graphs)
 
     @property
     def compile_seconds(self) -> float:
@@ -236,44 +225,12 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
         return float(sum(self.compiled_product.compile_seconds.values()))
 
     def _build_graph(self, X, y, weight: float) -> list:
-        # a graph that may be captured is built on the capture stream: autograd runs each
-        # backward op on its forward op's stream, and a capture records one stream
-        stream = (
-            graphs.on_capture_stream(self.device)
-            if self._offers_graphed()
-            else contextlib.nullcontext()
-        )
-        with differentiable_attention(), stream:
+        with differentiable_attention(), self._graph_stream():
             return first_backward(self.model, self.loss_fn, X, y, weight, self.params)
 
-    # ------------------------------------------------------------------ CUDA graphs
-    def _offers_graphed(self) -> bool:
-        """Whether ``"graphed"`` can run: a CUDA device and a kept graph, and asked for
-        (``backend="graphed"``, or ``"auto"`` with ``cuda_graphs``)."""
-        asked = self.requested_backend == "graphed" or (
-            self.requested_backend == "auto" and self.cuda_graphs
-        )
-        return asked and graphs.available(self.device) and self._keeps_graph()
-
-    def _release_graph(self) -> None:
-        self.replay = None  # before the graph whose memory its kernels read
-        self._graph_products = 0
-        super()._release_graph()
-
-    def _product_done(self) -> None:
-        super()._product_done()
-        if self._graph is not None:  # kept for the next product
-            self._graph_products += 1
-
-    def _capture(self, graph: list) -> graphs.Replay:
-        """Capture the second backward of one probe through ``graph`` (the kept graph)."""
-
-        def product(probes: list[Tensor]) -> list[Tensor]:
-            hv = second_backward(graph, self.params, [v[0] for v in probes])
-            return [h.unsqueeze(0) for h in hv]
-
-        self.replay = graphs.Replay(product, self.params, chunk=1)
-        return self.replay
+    def _product_of_one(self, graph: list, probes: list[Tensor]) -> list[Tensor]:
+        hv = second_backward(graph, self.params, [v[0] for v in probes])
+        return [h.unsqueeze(0) for h in hv]
 
     def _run_graphed(
         self,
@@ -289,14 +246,10 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
         each. The first product on a graph runs uncaptured (double backward); the second
         captures. Where no graph is kept, double backward."""
         graph = self._batch_graph(X, y, weight, batch)
-        if self.replay is None:
-            if not self._offers_graphed() or self._graph_products == 0:
-                return graph_hvp(graph, self.params, probes, "double-backward", 1, out, accumulate)
-            self._capture(graph)
-        replay = self.replay
-        if out is None:  # the replay's outputs are overwritten by the next replay
-            return chunked_into(lambda v: [h.clone() for h in replay(v)], probes, 1, None, False)
-        return chunked_into(replay, probes, 1, out, accumulate)
+        replay = self._graphed_replay(graph)
+        if replay is None:
+            return graph_hvp(graph, self.params, probes, "double-backward", 1, out, accumulate)
+        return self._replay_into(replay, probes, out, accumulate)
 
     # ------------------------------------------------------------------ backend choice
     @property
@@ -440,7 +393,8 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
             except Exception as err:  # whatever compiling or capturing raises: drop
                 timings[name] = _reason(err)
                 alive.remove(name)
-                self.replay = None if name == "graphed" else self.replay
+                if name == "graphed":
+                    self._drop_replay()
             else:
                 why = disagreement(res, reference, tol, "double-backward")
                 if why is not None:
@@ -472,7 +426,7 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
                 timings[name] = min(elapsed, timings.get(name, float("inf")))
         choice = choose_backend(timings)
         if choice != "graphed" and "graphed" not in self.backend_choices.values():
-            self.replay = None  # not chosen: its memory is not held
+            self._drop_replay()  # not chosen: its memory is not held
         self.backend_trials[kind] = timings
         self.backend_choices[kind] = choice
         self.backend = choice
@@ -565,7 +519,7 @@ class HessianOperator(TaylorQuadraticForms, CurvatureOperator):
                 name in _ANY_ERROR_DROPS or isinstance(err, RuntimeError)
             ):
                 raise
-            self.replay = None
+            self._drop_replay()
             # torch.func transforms and forward-mode AD reject some models (in-place
             # buffer updates of train-mode BatchNorm under vmap, ops without forward-mode
             # rules, curvkit's TaylorUnsupportedError), compilation and capture may fail;
@@ -652,8 +606,6 @@ LEAN_MARGIN = 1.1
 #: the compiled product must beat the fastest eager candidate by this factor to be chosen:
 #: compiled code is kept only where it measurably helps
 COMPILED_MARGIN = 0.9
-#: likewise the CUDA-graph replay, which holds its working memory between products
-GRAPHED_MARGIN = 0.9
 #: the candidates that beat the eager ones only by these margins
 _MARGINS = {"compiled": COMPILED_MARGIN, "graphed": GRAPHED_MARGIN}
 #: the candidates any exception drops (others: a RuntimeError, such as a missing rule)

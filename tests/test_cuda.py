@@ -177,6 +177,19 @@ def test_graphed_backend_captures_and_replays_on_cuda(spec):
     assert H.replay is not None and H.replay.replays == 2 * 4  # captured at the second
 
 
+@pytest.mark.parametrize("spec", GRAPHED_SPECS, ids=lambda s: "/".join(map(str, s[:2])))
+def test_graphed_ggn_captures_and_replays_on_cuda(spec):
+    """The GGN's double VJP (three passes through the kept graph) as a real CUDA graph."""
+    case, data, V, expected = _problem(spec, "ggn", 4)
+    G = ck.GGNOperator(case.model, case.loss_fn, data, backend="graphed")
+    for _ in range(3):
+        assert rel_err(G @ V[:, 0], expected[:, 0]) < TOL
+        assert rel_err(G @ V, expected) < TOL
+    assert G.backend == "graphed" and G.backend_fallback_reason is None
+    assert G.replay is not None and G.replay.reserved_bytes > 0
+    assert G.replay.replays == 4 + 2 * (1 + 4)  # captured at the second product
+
+
 @pytest.mark.parametrize("spec", GRAPHED_SPECS[:2], ids=lambda s: "/".join(map(str, s[:2])))
 def test_auto_times_the_graphed_backend_on_cuda(spec):
     """``"auto"`` on CUDA with a kept graph captures and times ``"graphed"`` (a string in
@@ -188,6 +201,12 @@ def test_auto_times_the_graphed_backend_on_cuda(spec):
     assert rel_err(H @ V, expected) < TOL
     assert isinstance(H.backend_trials["block"]["graphed"], float), H.backend_trials
     assert rel_err(H @ V[:, 2], expected[:, 2]) < TOL
+    case, data, V, expected = _problem(spec, "ggn", 3)
+    G = ck.GGNOperator(case.model, case.loss_fn, data)
+    assert rel_err(G @ V[:, 0], expected[:, 0]) < TOL
+    assert isinstance(G.backend_trials["single"]["graphed"], float), G.backend_trials
+    assert rel_err(G @ V, expected) < TOL
+    assert rel_err(G @ V, expected) < TOL
 
 
 @pytest.mark.parametrize("spec", [("mlp-tanh", "ce-mean", [3, 5]), ("cnn", "ce-mean", [4])])

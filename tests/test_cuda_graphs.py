@@ -17,8 +17,10 @@ import torch
 
 import curvkit as ck
 from curvkit import cuda_graphs
+from curvkit.operators.ggn import TAYLOR_MARGIN, choose_ggn_backend
 from curvkit.operators.hessian import GRAPHED_MARGIN, choose_backend
 from tests.cases import dense_hessian, make_case, rel_err
+from tests.test_ggn import dense_ggn
 
 TOL = 1e-10
 
@@ -177,8 +179,9 @@ def test_replay_pads_short_chunks_and_overwrites_its_outputs(capture):
 
 def test_graphed_backend_needs_cuda():
     case = make_case("mlp-tanh", "mse-mean", [7])
-    with pytest.raises(ValueError, match="replays CUDA graphs.*double-backward"):
-        ck.HessianOperator(case.model, case.loss_fn, case.data, backend="graphed")
+    for cls in (ck.HessianOperator, ck.GGNOperator):
+        with pytest.raises(ValueError, match="replays CUDA graphs.*double-backward"):
+            cls(case.model, case.loss_fn, case.data, backend="graphed")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         H = ck.HessianOperator(case.model, case.loss_fn, case.data)
@@ -194,3 +197,80 @@ def test_choose_backend_keeps_graphed_only_when_clearly_faster():
     assert choose_backend({**eager, "graphed": 0.4, "compiled": 0.5}) == "graphed"
     assert choose_backend({**eager, "graphed": "RuntimeError: ..."}) == "double-backward"
     assert choose_backend({"graphed": 0.4}) == "graphed"
+
+
+def test_choose_ggn_backend():
+    assert choose_ggn_backend({"double-vjp": 1.0, "taylor-jvp": TAYLOR_MARGIN * 1.01}) == (
+        "double-vjp"
+    )
+    assert choose_ggn_backend({"double-vjp": 1.0, "taylor-jvp": 0.5, "graphed": 0.44}) == (
+        "graphed"
+    )
+    assert choose_ggn_backend({"double-vjp": 1.0, "taylor-jvp": 0.5, "graphed": 0.46}) == (
+        "taylor-jvp"
+    )
+    assert choose_ggn_backend({"double-vjp": 1.0, "taylor-jvp": "no rule", "graphed": 0.8}) == (
+        "graphed"
+    )
+    assert choose_ggn_backend({"double-vjp": 1.0, "graphed": "RuntimeError: ..."}) == "double-vjp"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ("mlp-tanh", "ce-mean", [4]),
+        ("cnn", "ce-mean", [4, 2]),  # two batches: no kept graph, double VJP
+        ("bn-eval", "ce-mean", [5]),
+        ("transformer", "ce-seq-mean", [4]),
+    ],
+)
+def test_graphed_ggn_matches_dense_oracle(capture, spec):
+    """The GGN's double VJP (three passes through the kept graph) captured and replayed."""
+    case = make_case(*spec)
+    dense = dense_ggn(case)
+    G = ck.GGNOperator(case.model, case.loss_fn, case.data, backend="graphed")
+    V = _probes(G.shape[0], 3)
+    assert rel_err(G @ V[:, 0], dense @ V[:, 0]) < TOL
+    assert capture.captures == 0
+    for i in range(3):
+        assert rel_err(G @ V, dense @ V) < TOL
+        assert rel_err(G @ V[:, i], dense @ V[:, i]) < TOL
+    assert G.backend == "graphed"
+    if G._keeps_graph():
+        assert capture.captures == 1 and G.replay.replays == 3 * (3 + 1)
+        with torch.no_grad():
+            next(case.model.parameters()).mul_(1.5)
+        changed = dense_ggn(case)
+        for _ in range(2):
+            assert rel_err(G @ V, changed @ V) < TOL
+        assert capture.captures == 2
+    else:
+        assert capture.captures == 0 and G.replay is None
+
+
+def test_ggn_auto_times_graphed_and_falls_back_when_capture_fails(capture, monkeypatch):
+    from curvkit.operators import ggn as ggn_module
+
+    case = make_case("mlp-relu", "ce-sum", [6])
+    dense = dense_ggn(case)
+    V = _probes(dense.shape[0], 4)
+    G = ck.GGNOperator(case.model, case.loss_fn, case.data)
+    assert rel_err(G @ V[:, 0], dense @ V[:, 0]) < TOL
+    assert isinstance(G.backend_trials["single"]["graphed"], float)
+    monkeypatch.setattr(
+        ggn_module, "choose_ggn_backend", lambda t: "graphed" if "graphed" in t else "?"
+    )
+    G = ck.GGNOperator(case.model, case.loss_fn, case.data)
+    for _ in range(2):
+        assert rel_err(G @ V, dense @ V) < TOL
+        assert rel_err(G @ V[:, 1], dense @ V[:, 1]) < TOL
+    assert G.backend_choices == {"single": "graphed", "block": "graphed"}
+    assert G.backend == "graphed" and G.replay is not None
+    G.clear_cache()  # rebuilt: the first product runs uncaptured, the second captures
+    capture.fail = True
+    assert rel_err(G @ V, dense @ V) < TOL
+    with pytest.warns(RuntimeWarning, match="graphed failed"):
+        assert rel_err(G @ V, dense @ V) < TOL
+    assert G.backend == "double-vjp" and "stream is capturing" in G.backend_fallback_reason
+    assert G.backend_choices == {"single": "double-vjp", "block": "double-vjp"}
+    assert rel_err(G @ V[:, 2], dense @ V[:, 2]) < TOL

@@ -52,6 +52,7 @@ from curvkit.autodiff import (
 from curvkit.estimators.estimate import Estimate, exact_estimate
 from curvkit.linop import flatten_tensors
 from curvkit.operators.base import BLOCK_MEMORY_FACTOR, CurvatureOperator, preserved_state
+from curvkit.operators.graphed import GRAPHED_MARGIN, GraphedProducts
 from curvkit.operators.quadratic_forms import (
     TRIAL_PROBES,
     TaylorQuadraticForms,
@@ -68,7 +69,7 @@ __all__ = [
     "output_hessian_factors",
 ]
 
-GGN_BACKENDS = ("auto", "double-vjp", "forward", "taylor-jvp")
+GGN_BACKENDS = ("auto", "double-vjp", "forward", "taylor-jvp", "graphed")
 
 #: default memory budget (bytes) for the per-sample VJP chunks of the exact diagonal
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
@@ -172,6 +173,19 @@ def output_hessian_factors(
 
 
 # ---------------------------------------------------------------------- the operator
+def choose_ggn_backend(timings: dict[str, float | str]) -> str:
+    """The GGN trial's choice: ``"taylor-jvp"`` if it takes under ``TAYLOR_MARGIN`` of double
+    VJP's time, else ``"double-vjp"``; then ``"graphed"`` instead if it takes under
+    ``GRAPHED_MARGIN`` of the choice's time (strings are reasons a candidate was dropped)."""
+    taylor = timings.get("taylor-jvp")
+    faster = isinstance(taylor, float) and taylor < TAYLOR_MARGIN * timings["double-vjp"]
+    choice = "taylor-jvp" if faster else "double-vjp"
+    graphed = timings.get("graphed")
+    if isinstance(graphed, float) and graphed < GRAPHED_MARGIN * timings[choice]:
+        return "graphed"
+    return choice
+
+
 @dataclass
 class _GGNGraph:
     """What a GGN product on one batch needs that does not depend on the probes."""
@@ -183,7 +197,7 @@ class _GGNGraph:
     vjp_edges: list | None = None  # J^T u (gradient edges), differentiated w.r.t. u
 
 
-class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
+class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
     """``G = sum_b J_b^T Lambda_b J_b``, the generalised Gauss-Newton matrix over all of ``data``.
 
     Same data semantics as :class:`curvkit.HessianOperator`: the GGN of the loss of the
@@ -222,7 +236,12 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
             forward-mode backend that fails (an op without a rule or a torch.func
             transform) falls back to ``"double-vjp"``, with a warning unless it was
             ``"auto"``'s choice; ``backend_fallback_reason`` says why, and ``backend`` is
-            the backend of the latest product.
+            the backend of the latest product. ``"graphed"`` (CUDA, kept graph): double
+            VJP's three passes through the kept graph captured once as a CUDA graph and
+            replayed per probe, as :class:`curvkit.HessianOperator`'s ``"graphed"`` (same
+            rules: captured at the graph's second product, dropped with it); ``"auto"``
+            also times it where it can run (``cuda_graphs``) and keeps it only if it takes
+            under ``GRAPHED_MARGIN`` (90%) of the faster of the other two.
         max_probes_per_chunk: most probes pushed through one pass (a vmapped backward,
             a Taylor-mode or ``torch.func`` forward). ``None`` (default): on CUDA, per
             backend, as many as fit in ``BLOCK_MEMORY_FACTOR`` (4) times one gradient's peak
@@ -246,6 +265,7 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
             Jacobian-vector product, no backward pass) and through the loss to second order,
             which gives ``(J v)^T Lambda (J v)``; ``"hvp"`` takes ``v^T (G v)``; ``"auto"``
             (default) keeps the faster after a checked trial, as ``HessianOperator`` does.
+        cuda_graphs: let ``"auto"`` try ``"graphed"`` on a CUDA device.
     """
 
     _taylor_gauss_newton = True
@@ -264,6 +284,7 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
         check_deterministic: bool = True,
         cache_graph: bool = True,
         quadratic_form_method: str = "auto",
+        cuda_graphs: bool = True,
     ) -> None:
         check_quadratic_form_method(quadratic_form_method)
         if backend not in GGN_BACKENDS:
@@ -297,6 +318,7 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
         self.backend_trials: dict[str, dict[str, float | str]] = {}
         self._init_quadratic_forms(quadratic_form_method)
         self._keep_graphs(cache_graph)
+        self._init_graphed(cuda_graphs)
 
     # ------------------------------------------------------------------ products
     @property
@@ -306,6 +328,8 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
 
     def _chunk_for(self, name: str) -> int:
         """Probes per pass of backend ``name`` (see ``max_probes_per_chunk``)."""
+        if name == "graphed":  # one probe per replay
+            return 1
         if self.max_probes_per_chunk is not None:
             return self.max_probes_per_chunk
         if name not in self.chunk_sizes:
@@ -370,8 +394,11 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
         if kind == "block" and effective() != name:
             chunk = self._chunk_for(effective())
 
+        copy = out is None and name == "graphed"  # a replay overwrites its outputs
+
         def one_chunk(chunk_probes: list[Tensor]) -> list[Tensor]:
-            return self._batch_product(X, y, weight, chunk_probes, batch, effective())
+            res = self._batch_product(X, y, weight, chunk_probes, batch, effective())
+            return [r.clone() for r in res] if copy else res
 
         return chunked_into(one_chunk, probes, chunk, out, accumulate)
 
@@ -409,9 +436,10 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
     def _trial(
         self, kind: str, X, y, weight: float, probes: list[Tensor], batch: int
     ) -> list[Tensor]:
-        """Time double VJP through the kept graph against ``"taylor-jvp"`` on this batch (at
-        most ``TRIAL_PROBES`` probes, each backend in its own chunks), keep the faster that
-        agrees (see ``backend``), and return the products of those first probes."""
+        """Time double VJP through the kept graph against ``"taylor-jvp"`` (and, where it can
+        run, ``"graphed"``, captured first, untimed) on this batch (at most ``TRIAL_PROBES``
+        probes, each backend in its own chunks), keep the fastest that agrees (see
+        ``backend``), and return the products of those first probes."""
         K = probes[0].shape[0]
         head = [v[: min(K, TRIAL_PROBES)] for v in probes]
         if kind == "block":  # sized first: measuring builds (and drops) graphs of its own
@@ -425,18 +453,40 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
         timings: dict[str, float | str] = {}
         if self._taylor_failure is not None:
             timings["taylor-jvp"] = self._taylor_failure
-        elif all(bool(torch.isfinite(r).all()) for r in reference):
-            tol = agreement_tolerance(self.model, self.dtype, self.device)
-            alive = ["double-vjp", "taylor-jvp"]
+        finite = all(bool(torch.isfinite(r).all()) for r in reference)
+        tol = agreement_tolerance(self.model, self.dtype, self.device)
+        alive = ["double-vjp", "taylor-jvp"] if self._taylor_failure is None else ["double-vjp"]
+        if finite and self._offers_graphed():  # capture (untimed) and check agreement
+            try:
+                if self.replay is None:
+                    self._capture(self._batch_graph(X, y, weight, batch))
+                res = self._chunked_product("graphed", X, y, weight, head, batch)
+                self._sync_device()
+            except Exception as err:  # whatever capturing raises: drop
+                timings["graphed"] = f"{type(err).__name__}: {str(err)[:200]}"
+                self._drop_replay()
+            else:
+                timings["graphed"] = disagreement(res, reference, tol, "double-vjp")
+                if timings["graphed"] is None:
+                    del timings["graphed"]
+                    alive.append("graphed")
+        if finite:
             for _ in range(TRIAL_ROUNDS):
                 for name in list(alive):
                     try:
                         res, elapsed = self._timed(
                             lambda name=name: self._chunked_product(name, X, y, weight, head, batch)
                         )
-                    except RuntimeError as err:  # forward-mode rules PyTorch's ops reject
-                        if name == "double-vjp":
+                    except Exception as err:  # forward-mode rules PyTorch's ops reject
+                        if name == "double-vjp" or not (
+                            name == "graphed" or isinstance(err, RuntimeError)
+                        ):
                             raise
+                        if name == "graphed":
+                            timings[name] = f"{type(err).__name__}: {str(err)[:200]}"
+                            alive.remove(name)
+                            self._drop_replay()
+                            continue
                         self._taylor_failure = f"{type(err).__name__}: {str(err)[:200]}"
                     if name == "taylor-jvp" and self._taylor_failure is not None:
                         # no rule for an op of the model (``_batch_product`` fell back)
@@ -452,12 +502,12 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
         else:  # NaN/inf: nothing to compare against, no choice is kept, and the caller's
             self.backend = "double-vjp"  # finiteness check reports the problem
             return reference
-        taylor = timings.get("taylor-jvp")
-        faster = isinstance(taylor, float) and taylor < TAYLOR_MARGIN * timings["double-vjp"]
-        choice = "taylor-jvp" if faster else "double-vjp"
+        choice = choose_ggn_backend(timings)
         self.backend_choices[kind] = choice
         self.backend_trials[kind] = timings
-        if choice == "double-vjp":
+        if "graphed" not in self.backend_choices.values():
+            self._drop_replay()  # not chosen: its memory is not held
+        if choice in ("double-vjp", "graphed"):  # the reference is their product
             self.backend = choice
             return reference
         del reference
@@ -474,19 +524,28 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
         return _GGNGraph(out, out_d, g if g.requires_grad else None)
 
     def _build_graph(self, X, y, weight: float) -> _GGNGraph:
-        with affine_batchnorm(self.model):  # its J^T u is differentiated again
-            out = self.model(X)
-        graph = self._loss_graph(_as_output_tensor(out), y, weight)
-        if self.backend == "double-vjp":
-            # J^T u with its graph: differentiated w.r.t. u, it gives J V
-            graph.u = torch.zeros_like(graph.out, requires_grad=True)
-            vjps = torch.autograd.grad(
-                graph.out, self.params, grad_outputs=graph.u, create_graph=True, allow_unused=True
-            )
-            graph.vjp_edges = [
-                get_gradient_edge(v) if v is not None and v.requires_grad else None for v in vjps
-            ]
+        with self._graph_stream():
+            with affine_batchnorm(self.model):  # its J^T u is differentiated again
+                out = self.model(X)
+            graph = self._loss_graph(_as_output_tensor(out), y, weight)
+            if self.backend in ("double-vjp", "graphed"):
+                # J^T u with its graph: differentiated w.r.t. u, it gives J V
+                graph.u = torch.zeros_like(graph.out, requires_grad=True)
+                vjps = torch.autograd.grad(
+                    graph.out,
+                    self.params,
+                    grad_outputs=graph.u,
+                    create_graph=True,
+                    allow_unused=True,
+                )
+                graph.vjp_edges = [
+                    get_gradient_edge(v) if v is not None and v.requires_grad else None
+                    for v in vjps
+                ]
         return graph
+
+    def _product_of_one(self, graph: _GGNGraph, probes: list[Tensor]) -> list[Tensor]:
+        return self._apply_lambda_and_vjp(graph, self._jvp_double_vjp(graph, probes))
 
     def _product_backend(self, kind: str) -> str:
         """The backend of a product of this kind (``"single"`` or ``"block"``)."""
@@ -537,7 +596,29 @@ class GGNOperator(TaylorQuadraticForms, CurvatureOperator):
             if graph.u is None:  # built for the forward backend
                 self.clear_cache()
                 graph = self._batch_graph(X, y, weight, batch)
+            if self.backend == "graphed":
+                replay = self._graphed_or_fall_back(graph)
+                if replay is not None:
+                    return replay(probes)  # one probe (views: the caller copies them out)
             return self._apply_lambda_and_vjp(graph, self._jvp_double_vjp(graph, probes))
+
+    def _graphed_or_fall_back(self, graph: _GGNGraph):
+        """The kept graph's replay (``None``: this product runs uncaptured); a capture that
+        fails makes this and every later product double VJP's, with a warning."""
+        try:
+            return self._graphed_replay(graph)
+        except Exception as err:
+            self.backend_fallback_reason = f"{type(err).__name__}: {err}"
+            warnings.warn(
+                f"graphed failed on this model; using double-vjp instead ({str(err)[:200]})",
+                RuntimeWarning,
+                stacklevel=6,
+            )
+            self.backend_choices = {
+                k: ("double-vjp" if v == "graphed" else v) for k, v in self.backend_choices.items()
+            }
+            self.backend = "double-vjp"
+            return None
 
     def _taylor_jvp_product(self, X, y, weight: float, probes: list[Tensor]) -> list[Tensor]:
         """``J^T Lambda J V`` with ``J V`` from the forward pass that records ``J^T``'s graph,

@@ -16,7 +16,13 @@ What a capture records must stay where it is for every replay:
 
 Autograd runs each backward op on the stream its forward op ran on, and a capture records
 one stream (not the default one). So a graph that is to be captured is built on the capture
-stream (:func:`on_capture_stream`).
+stream (:func:`on_capture_stream`). The parameters' gradient accumulators are the exception:
+made once per parameter, they keep the stream of the graph that made them while any graph
+holds them, so a training loss kept alive on the default stream pins them there, and the
+end of a captured backward would wait on that stream, which invalidates the capture. Where
+PyTorch can redirect such stale streams to the capturing one
+(``torch.autograd.graph.set_override_stale_capture_stream``, newer than 2.11), it is
+switched on for the capture; elsewhere the capture fails and the operator runs uncaptured.
 """
 
 from __future__ import annotations
@@ -63,6 +69,23 @@ def on_capture_stream(device: torch.device) -> Iterator[None]:
         current.wait_stream(stream)
 
 
+@contextlib.contextmanager
+def _stale_streams_redirected() -> Iterator[None]:
+    """PyTorch's redirection of stale non-capturing streams to the capturing stream, on for
+    the block where this PyTorch has it (a process-wide flag, restored after)."""
+    get = getattr(torch._C, "_override_stale_capture_stream", None)
+    set_ = getattr(torch.autograd.graph, "set_override_stale_capture_stream", None)
+    if get is None or set_ is None:
+        yield
+        return
+    before = bool(get())
+    set_(True)
+    try:
+        yield
+    finally:
+        set_(before)
+
+
 def capture(
     run: Callable[[], list[Tensor]], device: torch.device
 ) -> tuple[list[Tensor], Callable[[], None]]:
@@ -77,7 +100,7 @@ def capture(
     with on_capture_stream(device):
         run()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
+    with _stale_streams_redirected(), torch.cuda.graph(graph, stream=stream):
         outputs = run()
     return outputs, graph.replay
 
@@ -119,13 +142,18 @@ class Replay:
         self.reserved_bytes = _reserved_bytes(self.device) - before
         #: replays so far
         self.replays = 0
+        #: the stream of the latest replay (None off CUDA)
+        self._stream = (
+            torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        )
 
     def release(self) -> None:
-        """Order the capture stream's later work after the replays already queued: call it
-        before dropping the replay and the graph it reads (their memory, allocated on the
-        capture stream, is reused there, and a replay still in flight reads it)."""
-        if self.device.type == "cuda":
-            _capture_stream(self.device).wait_stream(torch.cuda.current_stream(self.device))
+        """Order the capture stream's later work after the replays already queued (on the
+        stream of the latest): call it before dropping the replay and the graph it reads
+        (their memory, allocated on the capture stream, is reused there, and a replay
+        still in flight reads it)."""
+        if self._stream is not None:
+            _capture_stream(self.device).wait_stream(self._stream)
 
     def __call__(self, probes: Sequence[Tensor]) -> list[Tensor]:
         """The products of ``probes`` (blocks of ``n <= chunk`` probes), as views of the
@@ -137,6 +165,8 @@ class Replay:
             static[:n].copy_(v)
             if n < self.chunk:
                 static[n:].zero_()
+        if self._stream is not None:
+            self._stream = torch.cuda.current_stream(self.device)
         self._replay()
         self.replays += 1
         return [o[:n] for o in self.outputs]

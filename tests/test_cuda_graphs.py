@@ -274,3 +274,80 @@ def test_ggn_auto_times_graphed_and_falls_back_when_capture_fails(capture, monke
     assert G.backend == "double-vjp" and "stream is capturing" in G.backend_fallback_reason
     assert G.backend_choices == {"single": "double-vjp", "block": "double-vjp"}
     assert rel_err(G @ V[:, 2], dense @ V[:, 2]) < TOL
+
+
+def test_ggn_graphed_on_a_model_without_taylor_rules(capture, monkeypatch):
+    """Taylor mode fails on Hardswish: the trials weigh graphed against double VJP alone,
+    and a graphed choice runs graphed (not double VJP under its name)."""
+    from torch import nn
+
+    from curvkit.operators import ggn as ggn_module
+
+    monkeypatch.setattr(
+        ggn_module, "choose_ggn_backend", lambda t: "graphed" if "graphed" in t else "?"
+    )
+    case = make_case("mlp-tanh", "mse-mean", [4])
+    case.model[1] = nn.Hardswish()  # no Taylor-mode rule
+    dense = dense_ggn(case)
+    V = _probes(dense.shape[0], 3)
+    G = ck.GGNOperator(case.model, case.loss_fn, case.data)
+    for _ in range(2):
+        assert rel_err(G @ V[:, 0], dense @ V[:, 0]) < TOL
+        assert rel_err(G @ V, dense @ V) < TOL
+    assert "TaylorUnsupportedError" in G.backend_trials["single"]["taylor-jvp"]
+    assert G.backend_choices == {"single": "graphed", "block": "graphed"}
+    assert isinstance(G.backend_trials["block"]["graphed"], float)
+    assert G.backend == "graphed" and G.replay.replays >= 2 * (1 + 3)
+
+
+def test_ggn_without_taylor_rules_or_graphs_runs_no_further_trial(monkeypatch):
+    """Once Taylor mode has failed and no capture is offered (a CPU), double VJP is the
+    only candidate: no block trial, nothing timed."""
+    from torch import nn
+
+    case = make_case("mlp-tanh", "mse-mean", [4])
+    case.model[1] = nn.Hardswish()
+    dense = dense_ggn(case)
+    V = _probes(dense.shape[0], 3)
+    G = ck.GGNOperator(case.model, case.loss_fn, case.data)
+    assert rel_err(G @ V[:, 0], dense @ V[:, 0]) < TOL
+    assert "TaylorUnsupportedError" in G.backend_trials["single"]["taylor-jvp"]
+    timed = []
+    monkeypatch.setattr(G, "_timed", lambda run: timed.append(1) or (run(), 0.0))
+    assert rel_err(G @ V, dense @ V) < TOL
+    assert timed == [] and G.backend_choices == {"single": "double-vjp"}
+
+
+def test_graphs_leave_the_capture_stream_once_graphed_is_rejected(capture, monkeypatch):
+    """A graph is built on the capture stream only while it may be captured: asked for,
+    chosen, or not yet tried for both kinds of product."""
+    from curvkit.operators import hessian as hessian_module
+
+    monkeypatch.setattr(hessian_module, "choose_backend", lambda t: "double-backward")
+    case = make_case("mlp-relu", "ce-sum", [6])
+    V = _probes(sum(p.numel() for p in case.model.parameters()), 3)
+    H = ck.HessianOperator(case.model, case.loss_fn, case.data)
+    assert H._may_capture()
+    H @ V[:, 0]
+    assert H._may_capture()  # the block products are still to be tried
+    H @ V
+    assert not H._may_capture() and H.replay is None
+    H = ck.HessianOperator(case.model, case.loss_fn, case.data, backend="graphed")
+    H @ V
+    assert H._may_capture()
+    capture.fail = True
+    with pytest.warns(RuntimeWarning, match="graphed failed"):
+        H @ V
+    assert not H._may_capture() and "stream is capturing" in H.graphed_failure
+
+
+def test_stale_stream_redirection_is_restored():
+    from curvkit.cuda_graphs import _stale_streams_redirected
+
+    get = getattr(torch._C, "_override_stale_capture_stream", None)
+    if get is None:
+        pytest.skip("this PyTorch has no stale-stream redirection")
+    assert get() is False
+    with _stale_streams_redirected():
+        assert get() is True
+    assert get() is False

@@ -174,16 +174,19 @@ def output_hessian_factors(
 
 # ---------------------------------------------------------------------- the operator
 def choose_ggn_backend(timings: dict[str, float | str]) -> str:
-    """The GGN trial's choice: ``"taylor-jvp"`` if it takes under ``TAYLOR_MARGIN`` of double
-    VJP's time, else ``"double-vjp"``; then ``"graphed"`` instead if it takes under
-    ``GRAPHED_MARGIN`` of the choice's time (strings are reasons a candidate was dropped)."""
-    taylor = timings.get("taylor-jvp")
-    faster = isinstance(taylor, float) and taylor < TAYLOR_MARGIN * timings["double-vjp"]
-    choice = "taylor-jvp" if faster else "double-vjp"
-    graphed = timings.get("graphed")
-    if isinstance(graphed, float) and graphed < GRAPHED_MARGIN * timings[choice]:
+    """The GGN trial's choice: ``"graphed"`` if it takes under ``GRAPHED_MARGIN`` of the
+    faster of the others, else ``"taylor-jvp"`` if it takes under ``TAYLOR_MARGIN`` of double
+    VJP's time, else ``"double-vjp"`` (strings are reasons a candidate was dropped; double
+    VJP untimed: the only candidate left)."""
+    timed = {n: t for n, t in timings.items() if isinstance(t, float)}
+    if "double-vjp" not in timed:
+        return "double-vjp"
+    eager = min(t for n, t in timed.items() if n != "graphed")
+    if "graphed" in timed and timed["graphed"] < GRAPHED_MARGIN * eager:
         return "graphed"
-    return choice
+    taylor = timed.get("taylor-jvp")
+    faster = taylor is not None and taylor < TAYLOR_MARGIN * timed["double-vjp"]
+    return "taylor-jvp" if faster else "double-vjp"
 
 
 @dataclass
@@ -387,8 +390,11 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
         chunk = 1 if kind == "single" else self._chunk_for(name)  # sizing may find a fallback
 
         def effective() -> str:
-            # after a fallback (Taylor mode or torch.func cannot run the model) double VJP
+            # after a fallback (Taylor mode or torch.func cannot run the model, a capture
+            # failed) double VJP
             failed = self._taylor_failure is not None or self.backend_fallback_reason is not None
+            if name == "graphed":
+                failed = self.graphed_failure is not None
             return self._product_backend(kind) if failed and name != "double-vjp" else name
 
         if kind == "block" and effective() != name:
@@ -429,7 +435,7 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
         return (
             self.requested_backend == "auto"
             and kind not in self.backend_choices
-            and self._taylor_failure is None
+            and (self._taylor_failure is None or self._offers_graphed())
             and self._keeps_graph()
         )
 
@@ -470,7 +476,7 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
                 if timings["graphed"] is None:
                     del timings["graphed"]
                     alive.append("graphed")
-        if finite:
+        if finite and len(alive) > 1:
             for _ in range(TRIAL_ROUNDS):
                 for name in list(alive):
                     try:
@@ -499,8 +505,13 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
                         alive.remove(name)
                         continue
                     timings[name] = min(elapsed, timings.get(name, float("inf")))
-        else:  # NaN/inf: nothing to compare against, no choice is kept, and the caller's
-            self.backend = "double-vjp"  # finiteness check reports the problem
+        elif not finite:  # NaN/inf: nothing to compare against, no choice is kept (but
+            # double VJP's where it is the only backend that runs), and the caller's
+            # finiteness check reports the problem
+            if self._taylor_failure is not None:
+                self.backend_choices[kind] = "double-vjp"
+                self.backend_trials[kind] = timings
+            self.backend = "double-vjp"
             return reference
         choice = choose_ggn_backend(timings)
         self.backend_choices[kind] = choice
@@ -553,7 +564,7 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
             fell_back = self.backend == "double-vjp" and self.backend_fallback_reason
             return "double-vjp" if fell_back else self.requested_backend
         if self._taylor_failure is not None:
-            return "double-vjp"
+            return "graphed" if self.backend_choices.get(kind) == "graphed" else "double-vjp"
         if not self._keeps_graph():
             return "taylor-jvp"
         return self.backend_choices.get(kind, "double-vjp")

@@ -26,6 +26,10 @@ class GraphedProducts:
     :meth:`_graph_stream`. Then ``self.replay`` holds the capture of the kept graph, made at
     the graph's second product (:meth:`_graphed_replay`; an operator whose graph changes
     before every product never pays for a capture) and dropped with the graph.
+
+    Where a capture fails (on a PyTorch without stale-stream redirection, while another live
+    graph built on the default stream holds the parameters: see :mod:`curvkit.cuda_graphs`),
+    the failure is recorded (``graphed_failure``) and products run uncaptured from then on.
     """
 
     def _init_graphed(self, cuda_graphs_on: bool) -> None:
@@ -40,6 +44,8 @@ class GraphedProducts:
         self.replay: cuda_graphs.Replay | None = None
         #: products made through the kept graph so far (a capture waits for the second)
         self._graph_products = 0
+        #: why a capture failed (then ``"graphed"`` is no longer offered)
+        self.graphed_failure: str | None = None
 
     def _product_of_one(self, graph, probes: list[Tensor]) -> list[Tensor]:
         """The products of one probe (blocks ``(1, *param.shape)``) through ``graph``."""
@@ -51,21 +57,44 @@ class GraphedProducts:
         asked = self.requested_backend == "graphed" or (
             self.requested_backend == "auto" and self.cuda_graphs
         )
-        return asked and cuda_graphs.available(self.device) and self._keeps_graph()
+        return (
+            asked
+            and self.graphed_failure is None
+            and cuda_graphs.available(self.device)
+            and self._keeps_graph()
+        )
+
+    def _may_capture(self) -> bool:
+        """Whether a graph built now may be captured: ``"graphed"`` is offered and asked
+        for, chosen, or not yet tried for every kind of product."""
+        if not self._offers_graphed():
+            return False
+        choices = self.backend_choices
+        return (
+            self.requested_backend == "graphed"
+            or "graphed" in choices.values()
+            or not {"single", "block"} <= set(choices)
+        )
 
     def _graph_stream(self) -> AbstractContextManager[None]:
         """Where a graph is built: on the capture stream if it may be captured (autograd
-        runs each backward op on its forward op's stream, and a capture records one)."""
-        if self._offers_graphed():
+        runs each backward op on its forward op's stream, and a capture records one), else
+        on the current stream (a graph on the side stream costs every uncaptured product
+        an event between the streams, and its memory is cached for that stream alone)."""
+        if self._may_capture():
             return cuda_graphs.on_capture_stream(self.device)
         return contextlib.nullcontext()
 
     def _capture(self, graph) -> cuda_graphs.Replay:
         """Capture the product of one probe through ``graph`` (the kept graph)."""
         self._drop_replay()
-        self.replay = cuda_graphs.Replay(
-            lambda probes: self._product_of_one(graph, probes), self.params, chunk=1
-        )
+        try:
+            self.replay = cuda_graphs.Replay(
+                lambda probes: self._product_of_one(graph, probes), self.params, chunk=1
+            )
+        except Exception as err:
+            self.graphed_failure = f"{type(err).__name__}: {str(err)[:200]}"
+            raise
         return self.replay
 
     def _graphed_replay(self, graph) -> cuda_graphs.Replay | None:

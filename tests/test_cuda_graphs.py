@@ -351,3 +351,52 @@ def test_stale_stream_redirection_is_restored():
     with _stale_streams_redirected():
         assert get() is True
     assert get() is False
+
+
+def test_captured_graphs_are_built_on_the_capture_stream(capture, monkeypatch):
+    """Every graph a capture may record is built inside ``on_capture_stream`` (autograd
+    runs backward ops on their forward op's stream); other graphs are not."""
+    import contextlib
+
+    from curvkit.operators.ggn import GGNOperator
+    from curvkit.operators.hessian import HessianOperator
+
+    inside = []
+
+    @contextlib.contextmanager
+    def stream(device):
+        inside.append(True)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    built = []
+    for cls in (HessianOperator, GGNOperator):
+        original = cls._build_graph
+
+        def recording(self, X, y, weight, original=original):
+            # whether the graph's forward pass runs on the stream
+            def hook(module, args):
+                built.append((type(self).__name__, self.requested_backend, bool(inside)))
+
+            handle = self.model.register_forward_pre_hook(hook)
+            try:
+                return original(self, X, y, weight)
+            finally:
+                handle.remove()
+
+        monkeypatch.setattr(cls, "_build_graph", recording)
+    monkeypatch.setattr(cuda_graphs, "on_capture_stream", stream)
+    case = make_case("mlp-relu", "ce-sum", [6])
+    V = _probes(sum(p.numel() for p in case.model.parameters()), 2)
+    for cls in (ck.HessianOperator, ck.GGNOperator):
+        for backend in ("graphed", "auto"):
+            op = cls(case.model, case.loss_fn, case.data, backend=backend)
+            for _ in range(3):
+                op @ V[:, 0]
+            assert op.replay is not None or backend == "auto"
+    H = ck.HessianOperator(case.model, case.loss_fn, case.data, backend="double-backward")
+    H @ V[:, 0]
+    assert built[-1] == ("HessianOperator", "double-backward", False)
+    assert all(on for _, backend, on in built[:-1]), built

@@ -420,9 +420,17 @@ def chunked_into(
 
 
 def write_into(res: list[Tensor], out: list[Tensor] | None, accumulate: bool) -> list[Tensor]:
-    """Copy (or, with ``accumulate``, add) ``res`` into ``out``; ``res`` when ``out`` is None."""
+    """Copy (or, with ``accumulate``, add) ``res`` into ``out``; ``res`` when ``out`` is None.
+
+    One ``torch._foreach_*`` call where PyTorch has it: one call from Python instead of one
+    per parameter, and on CUDA a few fused kernel launches instead of one per parameter
+    (what a launch-bound product pays: ResNet-18 has 62 parameter tensors).
+    """
     if out is None:
         return res
+    if hasattr(torch, "_foreach_copy_"):
+        (torch._foreach_add_ if accumulate else torch._foreach_copy_)(list(out), list(res))
+        return out
     for o, r in zip(out, res):
         if accumulate:
             o.add_(r)

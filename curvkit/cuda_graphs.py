@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from curvkit.autodiff import write_into
+
 __all__ = ["Replay", "available", "capture", "on_capture_stream"]
 
 #: one side stream per CUDA device, for building graphs that are captured and capturing
@@ -161,9 +163,11 @@ class Replay:
         n = probes[0].shape[0]
         if n > self.chunk:
             raise ValueError(f"a replay takes at most {self.chunk} probes, got {n}")
-        for static, v in zip(self.probes, probes):
-            static[:n].copy_(v)
-            if n < self.chunk:
+        if n == self.chunk:
+            write_into(list(probes), self.probes, accumulate=False)
+        else:
+            for static, v in zip(self.probes, probes):
+                static[:n].copy_(v)
                 static[n:].zero_()
         if self._stream is not None:
             self._stream = torch.cuda.current_stream(self.device)

@@ -72,6 +72,8 @@ __all__ = [
     "chunked_into",
     "differentiable_attention",
     "first_backward",
+    "ParametersReachedError",
+    "reaches",
     "graph_hvp",
     "grad_into",
     "gradient",
@@ -490,17 +492,50 @@ def batch_hvp(
     return chunked_into(compute, probes, chunk_size, out, accumulate)
 
 
+def reaches(output: Tensor, leaves: Sequence[Tensor]) -> bool:
+    """Whether ``output``'s autograd graph uses any of the leaf tensors ``leaves`` (walks the
+    graph once, to their gradient accumulators)."""
+    targets = {id(t) for t in leaves}
+    seen: set = set()
+    stack = [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if id(getattr(node, "variable", None)) in targets:
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+class ParametersReachedError(RuntimeError):
+    """A forward pass through stand-ins for the parameters used the parameters themselves."""
+
+
 def first_backward(
-    model: nn.Module, loss_fn, X, y, weight: float, params
+    model: nn.Module,
+    loss_fn,
+    X,
+    y,
+    weight: float,
+    params,
+    forward: Callable[[Any], Any] | None = None,
+    stood_in_for: Sequence[Tensor] = (),
 ) -> list[GradientEdge | None]:
     """The graph of the gradient of ``weight * loss_fn(model(X), y)``, for a second pass.
 
     Returned as the gradient's edges (``None`` where the gradient is constant in the
     parameters), not as tensors: the second backward needs only the graph, so the gradient's
     values (one parameter-sized vector) are freed at once instead of being held with it.
+    ``forward`` replaces ``model`` for the forward pass (e.g. a ``functional_call`` through
+    tensors ``params`` that stand in for the parameters ``stood_in_for``); it raises
+    :class:`ParametersReachedError` if the loss still uses any of those.
     """
     with affine_batchnorm(model):  # cheaper to differentiate twice (same values)
-        loss = weight * loss_fn(model(X), y)
+        loss = weight * loss_fn((forward or model)(X), y)
+    if stood_in_for and reaches(loss, stood_in_for):
+        raise ParametersReachedError("the forward pass used the parameters it should not")
     check_finite(loss.detach(), "the loss")
     grads = gradient(loss, params, create_graph=True)
     return [get_gradient_edge(g) if g.requires_grad else None for g in grads]

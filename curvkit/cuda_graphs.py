@@ -19,10 +19,12 @@ one stream (not the default one). So a graph that is to be captured is built on 
 stream (:func:`on_capture_stream`). The parameters' gradient accumulators are the exception:
 made once per parameter, they keep the stream of the graph that made them while any graph
 holds them, so a training loss kept alive on the default stream pins them there, and the
-end of a captured backward would wait on that stream, which invalidates the capture. Where
-PyTorch can redirect such stale streams to the capturing one
-(``torch.autograd.graph.set_override_stale_capture_stream``, newer than 2.11), it is
-switched on for the capture; elsewhere the capture fails and the operator runs uncaptured.
+end of a captured backward would wait on that stream, which invalidates the capture. The
+operators therefore build a graph to be captured against fresh leaves aliasing the
+parameters (:meth:`curvkit.operators.graphed.GraphedProducts._graph_leaves`), and where
+PyTorch can redirect stale streams to the capturing one
+(``torch.autograd.graph.set_override_stale_capture_stream``, newer than 2.11) that is
+switched on for the capture too.
 """
 
 from __future__ import annotations

@@ -400,3 +400,85 @@ def test_captured_graphs_are_built_on_the_capture_stream(capture, monkeypatch):
     H @ V[:, 0]
     assert built[-1] == ("HessianOperator", "double-backward", False)
     assert all(on for _, backend, on in built[:-1]), built
+
+
+class _Tied(torch.nn.Module):
+    """Two layers sharing one weight (one parameter under two names)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("cls", [ck.HessianOperator, ck.GGNOperator])
+def test_captured_graphs_differentiate_leaves_aliasing_the_parameters(capture, cls):
+    """A graph that may be captured is built through ``functional_call`` against fresh
+    leaves aliasing the parameters (their gradient accumulators are the graph's own):
+    products equal the uncaptured backend's, tied weights included, and a change through
+    ``.data`` or in place still rebuilds the graph."""
+    torch.manual_seed(0)
+    model = _Tied().double()
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    loss_fn = torch.nn.MSELoss()
+    uncaptured = "double-backward" if cls is ck.HessianOperator else "double-vjp"
+    op = cls(model, loss_fn, (X, y), backend="graphed")
+    V = _probes(op.shape[0], 3)
+    for change in (None, "data", "in place"):
+        if change == "data":
+            model.a.weight.data = model.a.weight.data * 1.5
+        elif change == "in place":
+            with torch.no_grad():
+                model.b.bias.add_(0.5)
+        expected = cls(model, loss_fn, (X, y), backend=uncaptured) @ V
+        for _ in range(3):
+            assert rel_err(op @ V, expected) < TOL
+    inputs = op._graph[3].inputs
+    assert all(a is not p and a.data_ptr() == p.data_ptr() for a, p in zip(inputs, op.params))
+    assert capture.captures == 3
+
+
+class _Bypassing(torch.nn.Module):
+    """Uses its second layer's weight through a closure as well as through the module:
+    ``functional_call`` swaps only the latter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        weight = self.b.weight
+        self.extra = lambda h: h @ weight
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h) + torch.tanh(self.extra(h))
+
+
+@pytest.mark.parametrize("cls", [ck.HessianOperator, ck.GGNOperator])
+def test_a_model_bypassing_functional_call_is_built_against_its_parameters(capture, cls):
+    """Leaves aliasing the parameters would miss the closure's use of a weight (a wrong
+    curvature): the build finds the weight itself in the graph and uses the parameters."""
+    torch.manual_seed(0)
+    model = _Bypassing().double()
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    loss_fn = torch.nn.MSELoss()
+    uncaptured = "double-backward" if cls is ck.HessianOperator else "double-vjp"
+    expected_op = cls(model, loss_fn, (X, y), backend=uncaptured)
+    op = cls(model, loss_fn, (X, y), backend="graphed")
+    V = _probes(op.shape[0], 2)
+    expected = expected_op @ V
+    for _ in range(3):
+        assert rel_err(op @ V, expected) < TOL
+    assert not op.aliases_parameters and capture.captures == 1
+    assert all(a is p for a, p in zip(op._graph[3].inputs, op.params))
+
+
+def test_reaches_finds_leaves_in_a_graph():
+    from curvkit.autodiff import reaches
+
+    a, b, c = (torch.randn(3, requires_grad=True) for _ in range(3))
+    out = (a * 2).sin().sum() + (b.exp() * a).sum()
+    assert reaches(out, [b]) and reaches(out, [c, a]) and not reaches(out, [c])
+    assert not reaches(torch.ones(2), [a])

@@ -47,6 +47,7 @@ from curvkit.autodiff import (
     check_finite,
     chunked_into,
     differentiable_attention,
+    reaches,
     write_into,
 )
 from curvkit.estimators.estimate import Estimate, exact_estimate
@@ -198,6 +199,7 @@ class _GGNGraph:
     g: Tensor | None  # d loss / d out with its graph (None: loss linear in the outputs)
     u: Tensor | None = None  # the dummy cotangent of the double-VJP J V
     vjp_edges: list | None = None  # J^T u (gradient edges), differentiated w.r.t. u
+    inputs: list[Tensor] | None = None  # what out is differentiated against (None: params)
 
 
 class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
@@ -535,16 +537,21 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
         return _GGNGraph(out, out_d, g if g.requires_grad else None)
 
     def _build_graph(self, X, y, weight: float) -> _GGNGraph:
+        inputs, forward = self._graph_leaves()
         with self._graph_stream():
             with affine_batchnorm(self.model):  # its J^T u is differentiated again
-                out = self.model(X)
+                out = forward(X)
+                if forward is not self.model and reaches(_as_output_tensor(out), self.params):
+                    inputs, forward = self._stop_aliasing()
+                    out = forward(X)
             graph = self._loss_graph(_as_output_tensor(out), y, weight)
+            graph.inputs = inputs
             if self.backend in ("double-vjp", "graphed"):
                 # J^T u with its graph: differentiated w.r.t. u, it gives J V
                 graph.u = torch.zeros_like(graph.out, requires_grad=True)
                 vjps = torch.autograd.grad(
                     graph.out,
-                    self.params,
+                    inputs,
                     grad_outputs=graph.u,
                     create_graph=True,
                     allow_unused=True,
@@ -659,7 +666,8 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
         if graph.g is None:  # loss linear in the outputs
             return [torch.zeros(K, *p.shape, dtype=p.dtype, device=p.device) for p in self.params]
         (LJV,) = batched_grad([graph.g], [graph.out_d], [JV], K)
-        res = batched_grad([graph.out], self.params, [LJV], self._batched_backward(K))
+        inputs = self.params if graph.inputs is None else graph.inputs
+        res = batched_grad([graph.out], inputs, [LJV], self._batched_backward(K))
         return [r.detach() for r in res]
 
     def _forward_jvp(self, X, probes: list[Tensor]) -> Tensor:

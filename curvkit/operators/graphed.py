@@ -4,9 +4,12 @@ captured once as a CUDA graph (:mod:`curvkit.cuda_graphs`) and replayed, one pro
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import Any
 
 from torch import Tensor
+from torch.func import functional_call
 
 from curvkit import cuda_graphs
 from curvkit.autodiff import chunked_into
@@ -27,9 +30,9 @@ class GraphedProducts:
     the graph's second product (:meth:`_graphed_replay`; an operator whose graph changes
     before every product never pays for a capture) and dropped with the graph.
 
-    Where a capture fails (on a PyTorch without stale-stream redirection, while another live
-    graph built on the default stream holds the parameters: see :mod:`curvkit.cuda_graphs`),
-    the failure is recorded (``graphed_failure``) and products run uncaptured from then on.
+    A graph that may be captured is built against leaves aliasing the parameters
+    (:meth:`_graph_leaves`). Where a capture fails, the failure is recorded
+    (``graphed_failure``) and products run uncaptured from then on.
     """
 
     def _init_graphed(self, cuda_graphs_on: bool) -> None:
@@ -46,6 +49,9 @@ class GraphedProducts:
         self._graph_products = 0
         #: why a capture failed (then ``"graphed"`` is no longer offered)
         self.graphed_failure: str | None = None
+        #: whether graphs to be captured are built against leaves aliasing the parameters
+        #: (off once a forward pass through them used the parameters themselves)
+        self.aliases_parameters = True
 
     def _product_of_one(self, graph, probes: list[Tensor]) -> list[Tensor]:
         """The products of one probe (blocks ``(1, *param.shape)``) through ``graph``."""
@@ -75,6 +81,33 @@ class GraphedProducts:
             or "graphed" in choices.values()
             or not {"single", "block"} <= set(choices)
         )
+
+    def _graph_leaves(self) -> tuple[list[Tensor], Callable[[Any], Any]]:
+        """What a graph built now is differentiated against, and its forward pass: the
+        parameters and the model; or, for a graph that may be captured, fresh leaves that
+        alias the parameters and a forward pass through them (``functional_call``).
+
+        Each parameter has one gradient accumulator while any graph holds it, and it keeps
+        the stream it was made on: a loss graph the user keeps alive on the default stream
+        would pin it there, and the end of a captured backward through it would wait on
+        that stream, which invalidates the capture. The leaves' accumulators are made with
+        the graph, on the capture stream. They share storage and version counter with the
+        parameters, so the graph is found stale exactly as before. A model that reaches its
+        parameters other than as module attributes (which ``functional_call`` swaps) would
+        bypass the leaves: the build checks the forward pass's graph for the parameters
+        themselves (:func:`~curvkit.autodiff.reaches`) and, where they occur, builds against
+        the parameters from then on (:meth:`_stop_aliasing`).
+        """
+        if not (self.aliases_parameters and self._may_capture()):
+            return list(self.params), self.model
+        leaves = [p.detach().requires_grad_() for p in self.params]
+        named = dict(zip(self.param_names, leaves))
+        return leaves, lambda X: functional_call(self.model, named, (X,))
+
+    def _stop_aliasing(self) -> tuple[list[Tensor], Callable[[Any], Any]]:
+        """Build against the parameters from now on (the model bypassed the leaves)."""
+        self.aliases_parameters = False
+        return list(self.params), self.model
 
     def _graph_stream(self) -> AbstractContextManager[None]:
         """Where a graph is built: on the capture stream if it may be captured (autograd

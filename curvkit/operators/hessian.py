@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +14,7 @@ from curvkit.autodiff import (
     BACKENDS,
     FORWARD_MODE_BACKENDS,
     CompiledHVP,
+    ParametersReachedError,
     batch_hvp,
     check_compile_backend,
     chunked_into,
@@ -43,6 +44,15 @@ TRIAL_PROBES = 8
 TRIAL_ROUNDS = 2
 #: the backends that push a chunk of probes through one pass (memory grows with the chunk)
 BATCHED_BACKENDS = ("batched", "forward-over-reverse")
+
+
+class KeptGradient(NamedTuple):
+    """The gradient's graph on one batch (:func:`~curvkit.autodiff.first_backward`'s edges)
+    and the tensors it is differentiated against (the parameters, or leaves aliasing them:
+    :meth:`~curvkit.operators.graphed.GraphedProducts._graph_leaves`)."""
+
+    edges: list
+    inputs: list[Tensor]
 
 
 class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
@@ -224,12 +234,21 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
             return 0.0
         return float(sum(self.compiled_product.compile_seconds.values()))
 
-    def _build_graph(self, X, y, weight: float) -> list:
+    def _build_graph(self, X, y, weight: float) -> KeptGradient:
+        inputs, forward = self._graph_leaves()
+        aliased = () if forward is self.model else self.params
         with differentiable_attention(), self._graph_stream():
-            return first_backward(self.model, self.loss_fn, X, y, weight, self.params)
+            try:
+                edges = first_backward(
+                    self.model, self.loss_fn, X, y, weight, inputs, forward, aliased
+                )
+            except ParametersReachedError:
+                inputs, forward = self._stop_aliasing()
+                edges = first_backward(self.model, self.loss_fn, X, y, weight, inputs)
+        return KeptGradient(edges, inputs)
 
-    def _product_of_one(self, graph: list, probes: list[Tensor]) -> list[Tensor]:
-        hv = second_backward(graph, self.params, [v[0] for v in probes])
+    def _product_of_one(self, graph: KeptGradient, probes: list[Tensor]) -> list[Tensor]:
+        hv = second_backward(graph.edges, graph.inputs, [v[0] for v in probes])
         return [h.unsqueeze(0) for h in hv]
 
     def _run_graphed(
@@ -248,7 +267,9 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
         graph = self._batch_graph(X, y, weight, batch)
         replay = self._graphed_replay(graph)
         if replay is None:
-            return graph_hvp(graph, self.params, probes, "double-backward", 1, out, accumulate)
+            return graph_hvp(
+                graph.edges, graph.inputs, probes, "double-backward", 1, out, accumulate
+            )
         return self._replay_into(replay, probes, out, accumulate)
 
     # ------------------------------------------------------------------ backend choice
@@ -469,7 +490,7 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
                     accumulate,
                 )
         graph = self._batch_graph(X, y, weight, batch)  # after sizing, which builds its own
-        return graph_hvp(graph, self.params, probes, name, chunk, out, accumulate)
+        return graph_hvp(graph.edges, graph.inputs, probes, name, chunk, out, accumulate)
 
     def _run_compiled(
         self,

@@ -535,6 +535,7 @@ def first_backward(
     with affine_batchnorm(model):  # cheaper to differentiate twice (same values)
         loss = weight * loss_fn((forward or model)(X), y)
     if stood_in_for and reaches(loss, stood_in_for):
+        del loss  # not held by the exception's traceback while the caller builds again
         raise ParametersReachedError("the forward pass used the parameters it should not")
     check_finite(loss.detach(), "the loss")
     grads = gradient(loss, params, create_graph=True)

@@ -482,3 +482,13 @@ def test_reaches_finds_leaves_in_a_graph():
     out = (a * 2).sin().sum() + (b.exp() * a).sum()
     assert reaches(out, [b]) and reaches(out, [c, a]) and not reaches(out, [c])
     assert not reaches(torch.ones(2), [a])
+
+
+def test_a_parameter_replaced_after_construction_is_an_error(capture):
+    case = make_case("mlp-tanh", "mse-mean", [7])
+    H = ck.HessianOperator(case.model, case.loss_fn, case.data, backend="graphed")
+    v = _probes(H.shape[0], 1)[:, 0]
+    H @ v
+    case.model[0].weight = torch.nn.Parameter(case.model[0].weight.detach() * 2)
+    with pytest.raises(ValueError, match="was replaced after the operator was built"):
+        H @ v

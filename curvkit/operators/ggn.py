@@ -542,6 +542,7 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
             with affine_batchnorm(self.model):  # its J^T u is differentiated again
                 out = forward(X)
                 if forward is not self.model and reaches(_as_output_tensor(out), self.params):
+                    del out  # freed before the forward pass is run again
                     inputs, forward = self._stop_aliasing()
                     out = forward(X)
             graph = self._loss_graph(_as_output_tensor(out), y, weight)
@@ -625,7 +626,7 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
         fails makes this and every later product double VJP's, with a warning."""
         try:
             return self._graphed_replay(graph)
-        except Exception as err:
+        except RuntimeError as err:  # what a failed capture raises
             self.backend_fallback_reason = f"{type(err).__name__}: {err}"
             warnings.warn(
                 f"graphed failed on this model; using double-vjp instead ({str(err)[:200]})",

@@ -100,6 +100,13 @@ class GraphedProducts:
         """
         if not (self.aliases_parameters and self._may_capture()):
             return list(self.params), self.model
+        for name, p in zip(self.param_names, self.params):
+            if self.model.get_parameter(name) is not p:
+                raise ValueError(
+                    f"the model's parameter {name!r} was replaced after the operator was "
+                    "built (the operator differentiates the tensors it was given); build a "
+                    "new operator for the changed model"
+                )
         leaves = [p.detach().requires_grad_() for p in self.params]
         named = dict(zip(self.param_names, leaves))
         return leaves, lambda X: functional_call(self.model, named, (X,))

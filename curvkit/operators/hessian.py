@@ -243,6 +243,8 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
                     self.model, self.loss_fn, X, y, weight, inputs, forward, aliased
                 )
             except ParametersReachedError:
+                edges = None  # built again below, once the failed graph is freed
+            if edges is None:
                 inputs, forward = self._stop_aliasing()
                 edges = first_backward(self.model, self.loss_fn, X, y, weight, inputs)
         return KeptGradient(edges, inputs)
@@ -530,14 +532,14 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
         accumulate: bool,
     ) -> None:
         """``_run``; a forward-mode backend that fails is replaced by double backward for
-        this and every later product, with a warning (the compiled and graphed ones on any
-        exception)."""
+        this and every later product, with a warning (the compiled one on any exception;
+        the others, ``"graphed"`` included, on a ``RuntimeError``)."""
         self._compiled_done = 0
         try:
             self._run(name, X, y, weight, probes, out, batch, accumulate)
         except Exception as err:
             if name not in (*FORWARD_MODE_BACKENDS, "graphed") or not (
-                name in _ANY_ERROR_DROPS or isinstance(err, RuntimeError)
+                name == "compiled" or isinstance(err, RuntimeError)
             ):
                 raise
             self._drop_replay()

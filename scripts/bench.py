@@ -811,11 +811,28 @@ def check_targets(summary: dict, ks: list[int], margin: float) -> list[str]:
             g.get(f"curvkit_qf_grouped_k{k}"),
             1.0,
         )
+        # the K-probe memory target holds for every route to the K products
+        working = summary["geomean_memory_ratio_working"]
+        for name, what in (
+            (f"curvkit_qf_k{k}", f"K={k} quadratic forms"),
+            (f"curvkit_qf_grouped_k{k}", f"K={k} Hutchinson's grouped forms"),
+        ):
+            want(f"{what}, peak memory / gradient's (geomean)", working.get(name), 4.0)
         if g.get(f"ggn_k{k}") is not None:
             want(f"GGN K={k} per probe / eager gradient (geomean)", g.get(f"ggn_k{k}"), 1.0)
+            want(
+                f"GGN K={k} products, peak memory beyond the (D, K) result / gradient's (geomean)",
+                working.get(f"ggn_k{k}"),
+                4.0,
+            )
         if g.get(f"ggn_qf_k{k}") is not None:
             want(
                 f"GGN K={k} quadratic forms, per probe / eager gradient", g.get(f"ggn_qf_k{k}"), 1.0
+            )
+            want(
+                f"GGN K={k} quadratic forms, peak memory / gradient's (geomean)",
+                working.get(f"ggn_qf_k{k}"),
+                4.0,
             )
     if g.get("ggn") is not None:
         want("one GGN product / eager gradient (geomean)", g.get("ggn"), 2.0)

@@ -57,10 +57,9 @@ from curvkit.operators.graphed import GRAPHED_MARGIN, GraphedProducts
 from curvkit.operators.quadratic_forms import (
     TRIAL_PROBES,
     TaylorQuadraticForms,
-    agreement_tolerance,
     check_quadratic_form_method,
-    disagreement,
 )
+from curvkit.operators.trials import agreement_tolerance, failure_reason, timed_rounds, warm_up
 from curvkit.taylor import TaylorUnsupportedError, output_tangents
 
 __all__ = [
@@ -455,7 +454,7 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
             try:
                 self._chunk_for("taylor-jvp")  # an op without a rule: falls back, recorded
             except RuntimeError as err:  # a forward-mode op PyTorch rejects
-                self._taylor_failure = f"{type(err).__name__}: {str(err)[:200]}"
+                self._taylor_failure = failure_reason(err)
         # builds the graph the operator keeps, warms up, and is the reference
         reference = self._chunked_product("double-vjp", X, y, weight, head, batch)
         timings: dict[str, float | str] = {}
@@ -464,49 +463,40 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
         finite = all(bool(torch.isfinite(r).all()) for r in reference)
         tol = agreement_tolerance(self.model, self.dtype, self.device)
         alive = ["double-vjp", "taylor-jvp"] if self._taylor_failure is None else ["double-vjp"]
-        if finite and self._offers_graphed():  # capture (untimed) and check agreement
-            try:
+        if finite and self._offers_graphed():
+
+            def capture(name: str) -> list[Tensor]:  # untimed, and checked once
                 if self.replay is None:
                     self._capture(self._batch_graph(X, y, weight, batch))
-                res = self._chunked_product("graphed", X, y, weight, head, batch)
+                res = self._chunked_product(name, X, y, weight, head, batch)
                 self._sync_device()
-            except Exception as err:  # whatever capturing raises: drop
-                timings["graphed"] = f"{type(err).__name__}: {str(err)[:200]}"
-                self._drop_replay()
-            else:
-                timings["graphed"] = disagreement(res, reference, tol, "double-vjp")
-                if timings["graphed"] is None:
-                    del timings["graphed"]
-                    alive.append("graphed")
+                return res
+
+            alive += warm_up(["graphed"], capture, reference, tol, "double-vjp", timings)
+
+        def may_drop(name: str, err: Exception) -> bool:
+            if name == "taylor-jvp" and isinstance(err, RuntimeError):  # PyTorch rejects
+                self._taylor_failure = failure_reason(err)  # a forward-mode rule
+                return True
+            return name == "graphed"
+
+        def fell_back(name: str) -> str | None:  # no Taylor rule for an op of the model
+            return self._taylor_failure if name == "taylor-jvp" else None
+
         if finite and len(alive) > 1:
-            for _ in range(TRIAL_ROUNDS):
-                for name in list(alive):
-                    try:
-                        res, elapsed = self._timed(
-                            lambda name=name: self._chunked_product(name, X, y, weight, head, batch)
-                        )
-                    except Exception as err:  # forward-mode rules PyTorch's ops reject
-                        if name == "double-vjp" or not (
-                            name == "graphed" or isinstance(err, RuntimeError)
-                        ):
-                            raise
-                        if name == "graphed":
-                            timings[name] = f"{type(err).__name__}: {str(err)[:200]}"
-                            alive.remove(name)
-                            self._drop_replay()
-                            continue
-                        self._taylor_failure = f"{type(err).__name__}: {str(err)[:200]}"
-                    if name == "taylor-jvp" and self._taylor_failure is not None:
-                        # no rule for an op of the model (``_batch_product`` fell back)
-                        timings[name] = self._taylor_failure
-                        alive.remove(name)
-                        continue
-                    why = disagreement(res, reference, tol, "double-vjp")
-                    if why is not None:
-                        timings[name] = why
-                        alive.remove(name)
-                        continue
-                    timings[name] = min(elapsed, timings.get(name, float("inf")))
+            timed_rounds(
+                alive,
+                lambda name: self._timed(
+                    lambda: self._chunked_product(name, X, y, weight, head, batch)
+                ),
+                reference,
+                tol,
+                "double-vjp",
+                timings,
+                rounds=TRIAL_ROUNDS,
+                may_drop=may_drop,
+                dropped=fell_back,
+            )
         elif not finite:  # NaN/inf: nothing to compare against, no choice is kept (but
             # double VJP's where it is the only backend that runs), and the caller's
             # finiteness check reports the problem

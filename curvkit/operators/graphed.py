@@ -13,6 +13,7 @@ from torch.func import functional_call
 
 from curvkit import cuda_graphs
 from curvkit.autodiff import chunked_into
+from curvkit.operators.trials import failure_reason
 
 #: ``"graphed"`` must beat the fastest eager candidate by this factor to be chosen by a
 #: trial: its capture holds its working memory for as long as the graph is kept
@@ -133,7 +134,7 @@ class GraphedProducts:
                 lambda probes: self._product_of_one(graph, probes), self.params, chunk=1
             )
         except Exception as err:
-            self.graphed_failure = f"{type(err).__name__}: {str(err)[:200]}"
+            self.graphed_failure = failure_reason(err)
             raise
         return self.replay
 

@@ -26,12 +26,8 @@ from curvkit.autodiff import (
 )
 from curvkit.operators.base import BLOCK_MEMORY_FACTOR, CurvatureOperator
 from curvkit.operators.graphed import GRAPHED_MARGIN, GraphedProducts
-from curvkit.operators.quadratic_forms import (
-    TaylorQuadraticForms,
-    agreement_tolerance,
-    check_quadratic_form_method,
-    disagreement,
-)
+from curvkit.operators.quadratic_forms import TaylorQuadraticForms, check_quadratic_form_method
+from curvkit.operators.trials import agreement_tolerance, failure_reason, timed_rounds, warm_up
 
 __all__ = ["HESSIAN_BACKENDS", "HessianOperator"]
 
@@ -384,7 +380,7 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
                 try:
                     over = self._over_budget(name)
                 except Exception as err:  # measuring ran the backend: a failure drops it
-                    over = _reason(err)
+                    over = failure_reason(err)
                 if over is not None:
                     timings[name] = over
         # built here (or reused) so it can be timed
@@ -406,47 +402,33 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
             self._run("double-backward", X, y, weight, probes, out, batch, accumulate)
             return
         alive = [n for n in self._candidates(kind) if n not in timings]
-        # compile or capture (an untimed warm-up) and check agreement once
-        for name in [n for n in ("compiled", "graphed") if n in alive]:
-            try:
-                if name == "graphed" and self.replay is None:
-                    self._capture(self._batch_graph(X, y, weight, batch))
-                res = self._run(name, X, y, weight, trial_probes, batch=batch)
-                self._sync_device()
-            except Exception as err:  # whatever compiling or capturing raises: drop
-                timings[name] = _reason(err)
-                alive.remove(name)
-                if name == "graphed":
-                    self._drop_replay()
-            else:
-                why = disagreement(res, reference, tol, "double-backward")
-                if why is not None:
-                    timings[name] = why
-                    alive.remove(name)
-        for _ in range(TRIAL_ROUNDS):  # interleaved rounds, best time per candidate
-            for name in list(alive):
-                try:
-                    res, elapsed = self._timed(
-                        lambda name=name: self._run(
-                            name, X, y, weight, trial_probes, written, batch=batch
-                        )
-                    )
-                except Exception as err:
-                    if name == "double-backward" or not (
-                        name in _ANY_ERROR_DROPS or isinstance(err, RuntimeError)
-                    ):
-                        raise
-                    timings[name] = _reason(err)
-                    alive.remove(name)
-                    continue
-                why = disagreement(res, reference, tol, "double-backward")
-                if why is not None:
-                    timings[name] = why
-                    alive.remove(name)
-                    continue
-                if name not in FORWARD_MODE_BACKENDS:
-                    elapsed += graph_charge
-                timings[name] = min(elapsed, timings.get(name, float("inf")))
+
+        def warm(name: str) -> list[Tensor]:  # compile or capture
+            if name == "graphed" and self.replay is None:
+                self._capture(self._batch_graph(X, y, weight, batch))
+            res = self._run(name, X, y, weight, trial_probes, batch=batch)
+            self._sync_device()
+            return res
+
+        special = [n for n in _ANY_ERROR_DROPS if n in alive]
+        kept = warm_up(special, warm, reference, tol, "double-backward", timings)
+        alive = [n for n in alive if n not in special or n in kept]
+        timed_rounds(
+            alive,
+            lambda name: self._timed(
+                lambda: self._run(name, X, y, weight, trial_probes, written, batch=batch)
+            ),
+            reference,
+            tol,
+            "double-backward",
+            timings,
+            rounds=TRIAL_ROUNDS,
+            may_drop=lambda name, err: (
+                name != "double-backward"
+                and (name in _ANY_ERROR_DROPS or isinstance(err, RuntimeError))
+            ),
+            charge=lambda name: 0.0 if name in FORWARD_MODE_BACKENDS else graph_charge,
+        )
         choice = choose_backend(timings)
         if choice != "graphed" and "graphed" not in self.backend_choices.values():
             self._drop_replay()  # not chosen: its memory is not held
@@ -671,8 +653,3 @@ def _choose_eager(timed: dict[str, float]) -> str:
     ):
         return "double-backward"
     return choice
-
-
-def _reason(err: BaseException) -> str:
-    """Why a candidate was dropped: the exception's type and the start of its message."""
-    return f"{type(err).__name__}: {str(err)[:200]}"

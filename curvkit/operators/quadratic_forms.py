@@ -23,14 +23,13 @@ from curvkit.autodiff import check_finite, chunk_size_for, differentiable_attent
 from curvkit.cpu_memory import reuse_freed_memory
 from curvkit.live_memory import peak_allocated_bytes
 from curvkit.operators.base import preserved_state
+from curvkit.operators.trials import agreement_tolerance, disagreement, failure_reason
 from curvkit.taylor import TaylorUnsupportedError, taylor_quadratic_forms
 
 __all__ = [
     "QUADRATIC_FORM_METHODS",
     "TaylorQuadraticForms",
     "check_quadratic_form_method",
-    "disagreement",
-    "relative_difference",
 ]
 
 #: quadratic-form methods: second-order forward propagation, or v^T (A v)
@@ -51,55 +50,6 @@ def check_quadratic_form_method(method: str) -> None:
         raise ValueError(
             f"unknown quadratic_form_method {method!r}; choose one of {QUADRATIC_FORM_METHODS}"
         )
-
-
-def _failure(err: Exception) -> str:
-    """How a failed Taylor-mode attempt is recorded in ``quadratic_form_trial``."""
-    return f"{type(err).__name__}: {str(err)[:200]}"
-
-
-def relative_difference(a: list[Tensor], b: list[Tensor]) -> float:
-    """Relative Frobenius distance of two lists of tensors, over all entries."""
-    with torch.no_grad():
-        num = sum(float((x - z).double().pow(2).sum()) for x, z in zip(a, b))
-        den = sum(float(z.double().pow(2).sum()) for z in b)
-    return (num / den) ** 0.5 if den > 0 else num**0.5
-
-
-def disagreement(
-    result: list[Tensor], reference: list[Tensor], tol: float, reference_name: str
-) -> str | None:
-    """Why a trial candidate's ``result`` cannot stand for ``reference`` (computed by
-    ``reference_name``), or ``None`` where they agree to ``tol`` (relative)."""
-    err = relative_difference(result, reference)
-    return None if err <= tol else f"disagrees with {reference_name} (rel. diff. {err:.1e})"
-
-
-def _tf32_may_run(model: torch.nn.Module) -> bool:
-    """Whether float32 products on CUDA may run in TF32 (10 mantissa bits): matrix products
-    when ``torch.backends.cuda.matmul.allow_tf32`` (``set_float32_matmul_precision("high")``),
-    convolutions when ``torch.backends.cudnn.allow_tf32`` (PyTorch's default)."""
-    if torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest":
-        return True
-    convolutions = (torch.nn.modules.conv._ConvNd, torch.nn.RNNBase)
-    return bool(torch.backends.cudnn.allow_tf32) and any(
-        isinstance(m, convolutions) for m in model.modules()
-    )
-
-
-def agreement_tolerance(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> float:
-    """Relative difference up to which two backends' results count as the same result.
-
-    ``sqrt(eps)`` of the precision the products run in. On CUDA that is TF32 for float32
-    convolutions by default: two exact methods then differ by about 1e-3 (4.4e-4 between
-    double backward and every forward-mode method on ResNet-18, H200), and ``sqrt(eps)`` of
-    float32 (3.5e-4) had rejected every backend but double backward and Taylor mode with it.
-    """
-    eps = torch.finfo(dtype).eps
-    if device.type == "cuda" and dtype == torch.float32 and _tf32_may_run(model):
-        medium = torch.get_float32_matmul_precision() == "medium"  # bfloat16 products
-        eps = max(eps, 2.0**-7 if medium else 2.0**-10)
-    return eps**0.5
 
 
 class TaylorQuadraticForms:
@@ -254,7 +204,7 @@ class TaylorQuadraticForms:
 
     def _drop_taylor(self, err: Exception) -> None:
         """Use ``v^T (A v)`` from now on, recording why Taylor mode was dropped."""
-        self.quadratic_form_trial["taylor"] = _failure(err)
+        self.quadratic_form_trial["taylor"] = failure_reason(err)
         self.quadratic_form_choice = "hvp"
 
     def _quadratic_form_trial(self, V: Tensor, group_size: int) -> Tensor:
@@ -278,7 +228,7 @@ class TaylorQuadraticForms:
                 lambda: self._taylor_forms(head, group_size)
             )
         except Exception as err:  # any failure of Taylor mode leaves v^T (A v), recorded
-            timings["taylor"] = _failure(err)
+            timings["taylor"] = failure_reason(err)
         else:
             tol = agreement_tolerance(self.model, self.dtype, self.device)
             why = disagreement([results["taylor"]], [results["hvp"]], tol, "v^T (A v)")

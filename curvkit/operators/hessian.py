@@ -411,8 +411,8 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
             return res
 
         special = [n for n in _ANY_ERROR_DROPS if n in alive]
-        kept = warm_up(special, warm, reference, tol, "double-backward", timings)
-        alive = [n for n in alive if n not in special or n in kept]
+        warmed = warm_up(special, warm, reference, tol, "double-backward", timings)
+        alive = [n for n in alive if n not in special or n in warmed]
         timed_rounds(
             alive,
             lambda name: self._timed(

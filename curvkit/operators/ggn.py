@@ -59,7 +59,13 @@ from curvkit.operators.quadratic_forms import (
     TaylorQuadraticForms,
     check_quadratic_form_method,
 )
-from curvkit.operators.trials import agreement_tolerance, failure_reason, timed_rounds, warm_up
+from curvkit.operators.trials import (
+    agreement_tolerance,
+    failure_reason,
+    fall_back,
+    timed_rounds,
+    warm_up,
+)
 from curvkit.taylor import TaylorUnsupportedError, output_tangents
 
 __all__ = [
@@ -617,16 +623,7 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
         try:
             return self._graphed_replay(graph)
         except RuntimeError as err:  # what a failed capture raises
-            self.backend_fallback_reason = f"{type(err).__name__}: {err}"
-            warnings.warn(
-                f"graphed failed on this model; using double-vjp instead ({str(err)[:200]})",
-                RuntimeWarning,
-                stacklevel=6,
-            )
-            self.backend_choices = {
-                k: ("double-vjp" if v == "graphed" else v) for k, v in self.backend_choices.items()
-            }
-            self.backend = "double-vjp"
+            fall_back(self, "graphed", "double-vjp", err, stacklevel=6)
             return None
 
     def _taylor_jvp_product(self, X, y, weight: float, probes: list[Tensor]) -> list[Tensor]:

@@ -27,7 +27,13 @@ from curvkit.autodiff import (
 from curvkit.operators.base import BLOCK_MEMORY_FACTOR, CurvatureOperator
 from curvkit.operators.graphed import GRAPHED_MARGIN, GraphedProducts
 from curvkit.operators.quadratic_forms import TaylorQuadraticForms, check_quadratic_form_method
-from curvkit.operators.trials import agreement_tolerance, failure_reason, timed_rounds, warm_up
+from curvkit.operators.trials import (
+    agreement_tolerance,
+    failure_reason,
+    fall_back,
+    timed_rounds,
+    warm_up,
+)
 
 __all__ = ["HESSIAN_BACKENDS", "HessianOperator"]
 
@@ -529,16 +535,7 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
             # buffer updates of train-mode BatchNorm under vmap, ops without forward-mode
             # rules, curvkit's TaylorUnsupportedError), compilation and capture may fail;
             # double backward computes the same product.
-            self.backend_fallback_reason = f"{type(err).__name__}: {err}"
-            warnings.warn(
-                f"{name} failed on this model; using double-backward instead ({str(err)[:200]})",
-                RuntimeWarning,
-                stacklevel=6,
-            )
-            self.backend_choices = {
-                k: ("double-backward" if v == name else v) for k, v in self.backend_choices.items()
-            }
-            self.backend = "double-backward"
+            fall_back(self, name, "double-backward", err, stacklevel=6)
             # the compiled backend may have written its first chunks: only the rest remain
             done = self._compiled_done if name == "compiled" else 0
             self._run(

@@ -10,7 +10,9 @@ place of a time. Candidates that compile or capture first run once untimed
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,6 +21,7 @@ __all__ = [
     "agreement_tolerance",
     "disagreement",
     "failure_reason",
+    "fall_back",
     "relative_difference",
     "timed_rounds",
     "warm_up",
@@ -73,6 +76,22 @@ def agreement_tolerance(model: torch.nn.Module, dtype: torch.dtype, device: torc
         medium = torch.get_float32_matmul_precision() == "medium"  # bfloat16 products
         eps = max(eps, 2.0**-7 if medium else 2.0**-10)
     return eps**0.5
+
+
+def fall_back(operator: Any, name: str, replacement: str, err: Exception, stacklevel: int) -> None:
+    """Record on ``operator`` that backend ``name`` failed on its model and ``replacement``
+    computes its products from now on: the reason (``backend_fallback_reason``), a warning
+    (``stacklevel`` as seen from the caller), the cached choices and the latest backend."""
+    operator.backend_fallback_reason = f"{type(err).__name__}: {err}"
+    warnings.warn(
+        f"{name} failed on this model; using {replacement} instead ({str(err)[:200]})",
+        RuntimeWarning,
+        stacklevel=stacklevel + 1,
+    )
+    operator.backend_choices = {
+        k: (replacement if v == name else v) for k, v in operator.backend_choices.items()
+    }
+    operator.backend = replacement
 
 
 def warm_up(

@@ -57,6 +57,18 @@ def _probes(D: int, K: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(D, K, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
+def _products_match(op, dense: torch.Tensor, capture: EagerCapture) -> torch.Tensor:
+    """Products of ``op`` (backend ``"graphed"``) against ``dense``: one uncaptured, then
+    three rounds of a block of 3 and a single probe. Returns the probes."""
+    V = _probes(op.shape[0], 3)
+    assert rel_err(op @ V[:, 0], dense @ V[:, 0]) < TOL
+    assert capture.captures == 0
+    for i in range(3):
+        assert rel_err(op @ V, dense @ V) < TOL
+        assert rel_err(op @ V[:, i], dense @ V[:, i]) < TOL
+    return V
+
+
 @pytest.mark.parametrize(
     "spec",
     [
@@ -71,14 +83,8 @@ def test_graphed_matches_dense_oracle(capture, spec):
     """The first product on a kept graph runs uncaptured, the second captures, later ones
     replay; all match the dense Hessian. Without a kept graph nothing is captured."""
     case = make_case(*spec)
-    dense = dense_hessian(case)
     H = ck.HessianOperator(case.model, case.loss_fn, case.data, backend="graphed")
-    V = _probes(H.shape[0], 3)
-    assert rel_err(H @ V[:, 0], dense @ V[:, 0]) < TOL
-    assert capture.captures == 0
-    for i in range(3):
-        assert rel_err(H @ V, dense @ V) < TOL
-        assert rel_err(H @ V[:, i], dense @ V[:, i]) < TOL
+    _products_match(H, dense_hessian(case), capture)
     if H._keeps_graph():
         assert capture.captures == 1
         assert H.replay.replays == 3 * (3 + 1)
@@ -227,14 +233,8 @@ def test_choose_ggn_backend():
 def test_graphed_ggn_matches_dense_oracle(capture, spec):
     """The GGN's double VJP (three passes through the kept graph) captured and replayed."""
     case = make_case(*spec)
-    dense = dense_ggn(case)
     G = ck.GGNOperator(case.model, case.loss_fn, case.data, backend="graphed")
-    V = _probes(G.shape[0], 3)
-    assert rel_err(G @ V[:, 0], dense @ V[:, 0]) < TOL
-    assert capture.captures == 0
-    for i in range(3):
-        assert rel_err(G @ V, dense @ V) < TOL
-        assert rel_err(G @ V[:, i], dense @ V[:, i]) < TOL
+    V = _products_match(G, dense_ggn(case), capture)
     assert G.backend == "graphed"
     if G._keeps_graph():
         assert capture.captures == 1 and G.replay.replays == 3 * (3 + 1)

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import curvkit as ck
+from curvkit.autodiff import differentiable_attention
+from curvkit.live_memory import peak_allocated_bytes
 from tests.cases import dense_hessian, make_case, rel_err
 
 TOL = 1e-10
@@ -381,3 +383,69 @@ def test_a_zero_size_parameter_in_single_products():
     rest = ck.HessianOperator(case.model, case.loss_fn, case.data, params=params[1:])
     torch.testing.assert_close(op @ v, rest @ v, rtol=1e-12, atol=1e-12)
     assert rel_err(op @ v, dense_hessian(case) @ v) < TOL
+
+
+# ---------------------------------------------------------------------- last use of a graph
+def _retaining(fn):
+    """``fn`` with ``retain_graph`` forced on: what a product cost before graphs were freed
+    at their last use."""
+    return lambda *args, **kwargs: fn(*args, **{**kwargs, "retain_graph": True})
+
+
+@pytest.mark.parametrize(
+    "operator, backend",
+    [
+        ("hessian", "double-backward"),
+        ("hessian", "batched"),
+        ("ggn", "double-vjp"),
+        ("ggn", "taylor-jvp"),
+    ],
+)
+def test_a_graph_built_for_one_product_is_freed_by_its_last_pass(operator, backend, monkeypatch):
+    """A single product through a graph that is not kept lets its last backward free each
+    node's saved tensors as it runs (retain_graph=False): a lower peak than holding them all
+    to the end, and for the Hessian no more than a plain double backward without
+    retain_graph; the product stays exact and the graph is dropped."""
+    case = make_case("transformer", "ce-seq-mean", [4])
+    make = ck.HessianOperator if operator == "hessian" else ck.GGNOperator
+    op = make(case.model, case.loss_fn, case.data, backend=backend, cache_graph=False)
+    reference = dense_hessian(case) if operator == "hessian" else _ggn_reference(case)
+    v = _probes(op.shape[0], 1)[:, 0]
+    assert rel_err(op @ v, reference @ v) < TOL
+    assert op._graph is None
+    freed = peak_allocated_bytes(lambda: op @ v)
+    module = ck.operators.hessian if operator == "hessian" else ck.operators.ggn
+    name = "graph_hvp" if operator == "hessian" else "batched_grad"
+    monkeypatch.setattr(module, name, _retaining(getattr(module, name)))
+    held = peak_allocated_bytes(lambda: op @ v)
+    assert freed < 0.95 * held, (freed, held)
+    if operator == "hessian":
+        X, y = case.data
+        vs = [t.view_as(p) for t, p in zip(v.split([p.numel() for p in case.params]), case.params)]
+
+        def plain():
+            g = torch.autograd.grad(case.loss_fn(case.model(X), y), case.params, create_graph=True)
+            return torch.autograd.grad(g, case.params, vs)
+
+        with differentiable_attention():
+            assert freed <= peak_allocated_bytes(plain)
+
+
+@pytest.mark.parametrize("operator", ["hessian", "ggn"])
+def test_staged_probes_share_each_batch_graph(operator):
+    """Over several batches, a row-major block is staged in chunks: each batch's graph
+    serves every chunk and is freed only by the last (one forward per batch; freeing it
+    earlier would rebuild it for the next chunk)."""
+    case = make_case("mlp-tanh", "mse-sum", [3, 5, 2])
+    if operator == "hessian":
+        op = _operator(case, max_probes_per_chunk=2)
+        reference = dense_hessian(case)
+    else:
+        op = ck.GGNOperator(case.model, case.loss_fn, case.data, backend="double-vjp")
+        reference = _ggn_reference(case)
+    calls = _count_forwards(case.model)
+    V = _probes(op.shape[0], 20)  # row-major: staged in several chunks per batch
+    assert not V.T.is_contiguous() and op._probe_chunk() < 20
+    assert rel_err(op @ V, reference @ V) < TOL
+    assert calls[0] == 3
+    assert op._graph is None

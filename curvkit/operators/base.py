@@ -431,11 +431,13 @@ class CurvatureOperator(LinearOperator):
         *,
         batch: int,
         accumulate: bool,
+        last: bool = True,
     ) -> None:
         """Product on one batch, written into ``out`` (added to it when ``accumulate``).
 
         ``probes[i]`` and ``out[i]`` have shape ``(K, *params[i].shape)``; ``batch`` is the
-        batch's index in the data pass.
+        batch's index in the data pass; ``last``: no further probes go through this batch
+        in this product (a graph built for it alone may then be freed as it is used).
         """
         raise NotImplementedError
 
@@ -510,6 +512,7 @@ class CurvatureOperator(LinearOperator):
                             self._split_rows(out),
                             batch=b,
                             accumulate=accumulate and b > 0,
+                            last=e == V.shape[1],
                         )
                         if after is not None:
                             after(s, e, rows, out)

@@ -390,9 +390,11 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
         batch: int,
         out: list[Tensor] | None = None,
         accumulate: bool = False,
+        last: bool = False,
     ) -> list[Tensor]:
         """``G_b @ V`` by backend ``name``, one chunk of its size at a time, each chunk's
-        products written into ``out`` before the next are made (``None``: returned)."""
+        products written into ``out`` before the next are made (``None``: returned).
+        ``last``: the batch's graph serves no probes after these (see ``_batch_product``)."""
         kind = "single" if probes[0].shape[0] == 1 else "block"
         chunk = 1 if kind == "single" else self._chunk_for(name)  # sizing may find a fallback
 
@@ -409,8 +411,12 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
 
         copy = out is None and name == "graphed"  # a replay overwrites its outputs
 
+        left = [probes[0].shape[0]]  # probes not yet run
+
         def one_chunk(chunk_probes: list[Tensor]) -> list[Tensor]:
-            res = self._batch_product(X, y, weight, chunk_probes, batch, effective())
+            left[0] -= chunk_probes[0].shape[0]
+            final = last and left[0] == 0
+            res = self._batch_product(X, y, weight, chunk_probes, batch, effective(), final)
             return [r.clone() for r in res] if copy else res
 
         return chunked_into(one_chunk, probes, chunk, out, accumulate)
@@ -425,6 +431,7 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
         *,
         batch: int,
         accumulate: bool,
+        last: bool = True,
     ) -> None:
         kind = "single" if probes[0].shape[0] == 1 else "block"
         done = 0
@@ -436,7 +443,7 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
         if done < probes[0].shape[0]:
             rest, slots = [v[done:] for v in probes], [o[done:] for o in out]
             name = self._product_backend(kind)
-            self._chunked_product(name, X, y, weight, rest, batch, slots, accumulate)
+            self._chunked_product(name, X, y, weight, rest, batch, slots, accumulate, last)
 
     def _needs_trial(self, kind: str) -> bool:
         return (
@@ -574,10 +581,19 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
         return self.backend_choices.get(kind, "double-vjp")
 
     def _batch_product(
-        self, X, y, weight: float, probes: list[Tensor], batch: int = 0, name: str = "double-vjp"
+        self,
+        X,
+        y,
+        weight: float,
+        probes: list[Tensor],
+        batch: int = 0,
+        name: str = "double-vjp",
+        last: bool = False,
     ) -> list[Tensor]:
         """``G_b @ V`` on one batch by backend ``name`` (falling back to double VJP where
-        a forward-mode backend cannot run the model)."""
+        a forward-mode backend cannot run the model). ``last``: no further probes of this
+        product go through the batch's graph; one that is not kept is then freed by these
+        probes' backward passes as they run (a lower peak: ``autodiff.graph_hvp``)."""
         self.backend = name
         with torch.enable_grad(), differentiable_attention():
             if name == "taylor-jvp":
@@ -596,9 +612,11 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
                         )
                     self.backend = "double-vjp"
             graph = self._batch_graph(X, y, weight, batch)
+            retain = not last or self._keeps_graph()
+            JV = None
             if self.backend == "forward":
                 try:
-                    return self._apply_lambda_and_vjp(graph, self._forward_jvp(X, probes))
+                    JV = self._forward_jvp(X, probes)
                 except RuntimeError as err:
                     self.backend_fallback_reason = f"{type(err).__name__}: {err}"
                     warnings.warn(
@@ -608,14 +626,19 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
                         stacklevel=5,
                     )
                     self.backend = "double-vjp"
-            if graph.u is None:  # built for the forward backend
-                self.clear_cache()
-                graph = self._batch_graph(X, y, weight, batch)
-            if self.backend == "graphed":
-                replay = self._graphed_or_fall_back(graph)
-                if replay is not None:
-                    return replay(probes)  # one probe (views: the caller copies them out)
-            return self._apply_lambda_and_vjp(graph, self._jvp_double_vjp(graph, probes))
+            if JV is None:
+                if graph.u is None:  # built for the forward backend
+                    self.clear_cache()
+                    graph = self._batch_graph(X, y, weight, batch)
+                if self.backend == "graphed":
+                    replay = self._graphed_or_fall_back(graph)
+                    if replay is not None:
+                        return replay(probes)  # one probe (views: the caller copies them)
+                JV = self._jvp_double_vjp(graph, probes, retain)
+            res = self._apply_lambda_and_vjp(graph, JV, retain)
+            if not retain:
+                self._release_graph()
+            return res
 
     def _graphed_or_fall_back(self, graph: _GGNGraph):
         """The kept graph's replay (``None``: this product runs uncaptured); a capture that
@@ -633,10 +656,13 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
         graph = self._loss_graph(_as_output_tensor(out), y, weight)
         if JV is None:  # the output does not depend on the parameters
             JV = graph.out.new_zeros(probes[0].shape[0], *graph.out.shape)
-        return self._apply_lambda_and_vjp(graph, JV)
+        return self._apply_lambda_and_vjp(graph, JV, retain_graph=False)  # its only use
 
-    def _jvp_double_vjp(self, graph: _GGNGraph, probes: list[Tensor]) -> Tensor:
-        """``J V`` as ``d (J^T u) / d u`` applied to the probes; returns ``(K, *out.shape)``."""
+    def _jvp_double_vjp(
+        self, graph: _GGNGraph, probes: list[Tensor], retain_graph: bool = True
+    ) -> Tensor:
+        """``J V`` as ``d (J^T u) / d u`` applied to the probes; returns ``(K, *out.shape)``.
+        ``retain_graph=False``: the ``J^T u`` graph's last use (``batched_grad``)."""
         pairs = [(e, v) for e, v in zip(graph.vjp_edges, probes) if e is not None]
         if not pairs:
             return graph.out.new_zeros(probes[0].shape[0], *graph.out.shape)
@@ -645,17 +671,23 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
             [graph.u],
             [v for _, v in pairs],
             probes[0].shape[0],
+            retain_graph=retain_graph,
         )
         return JV
 
-    def _apply_lambda_and_vjp(self, graph: _GGNGraph, JV: Tensor) -> list[Tensor]:
-        """``J^T Lambda (J V)`` given ``JV`` of shape ``(K, *out.shape)``."""
+    def _apply_lambda_and_vjp(
+        self, graph: _GGNGraph, JV: Tensor, retain_graph: bool = True
+    ) -> list[Tensor]:
+        """``J^T Lambda (J V)`` given ``JV`` of shape ``(K, *out.shape)``.
+        ``retain_graph=False``: the forward graph's last use, freed as ``J^T`` runs where
+        its last chunk holds one probe (``batched_grad``)."""
         K = JV.shape[0]
         if graph.g is None:  # loss linear in the outputs
             return [torch.zeros(K, *p.shape, dtype=p.dtype, device=p.device) for p in self.params]
-        (LJV,) = batched_grad([graph.g], [graph.out_d], [JV], K)
+        (LJV,) = batched_grad([graph.g], [graph.out_d], [JV], K, retain_graph=retain_graph)
         inputs = self.params if graph.inputs is None else graph.inputs
-        res = batched_grad([graph.out], inputs, [LJV], self._batched_backward(K))
+        chunk = self._batched_backward(K)
+        res = batched_grad([graph.out], inputs, [LJV], chunk, retain_graph=retain_graph)
         return [r.detach() for r in res]
 
     def _forward_jvp(self, X, probes: list[Tensor]) -> Tensor:
@@ -972,8 +1004,9 @@ class ResidualOperator(CurvatureOperator):
         *,
         batch: int,
         accumulate: bool,
+        last: bool = True,
     ) -> None:
-        with torch.enable_grad(), differentiable_attention():
+        with torch.enable_grad(), differentiable_attention():  # a graph of its own each call
             batch_hvp(
                 self.model,
                 self._residual_loss,

@@ -456,7 +456,10 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
         out: list[Tensor] | None = None,
         batch: int = 0,
         accumulate: bool = False,
+        last: bool = False,
     ) -> list[Tensor]:
+        """``H_b @ V`` by backend ``name``; ``last``: the batch's graph serves no further
+        probes of this product (where it is not kept, its last pass frees it)."""
         if name == "compiled":
             return self._run_compiled(X, y, weight, probes, out, accumulate)
         if name == "graphed":
@@ -480,7 +483,14 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
                     accumulate,
                 )
         graph = self._batch_graph(X, y, weight, batch)  # after sizing, which builds its own
-        return graph_hvp(graph.edges, graph.inputs, probes, name, chunk, out, accumulate)
+        if not last or self._keeps_graph():
+            return graph_hvp(graph.edges, graph.inputs, probes, name, chunk, out, accumulate)
+        # its last use: freed as the last probe runs through it (a lower peak), then dropped
+        res = graph_hvp(
+            graph.edges, graph.inputs, probes, name, chunk, out, accumulate, retain_graph=False
+        )
+        self._release_graph()
+        return res
 
     def _run_compiled(
         self,
@@ -518,13 +528,14 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
         out: list[Tensor],
         batch: int,
         accumulate: bool,
+        last: bool = False,
     ) -> None:
         """``_run``; a forward-mode backend that fails is replaced by double backward for
         this and every later product, with a warning (the compiled one on any exception;
         the others, ``"graphed"`` included, on a ``RuntimeError``)."""
         self._compiled_done = 0
         try:
-            self._run(name, X, y, weight, probes, out, batch, accumulate)
+            self._run(name, X, y, weight, probes, out, batch, accumulate, last)
         except Exception as err:
             if name not in (*FORWARD_MODE_BACKENDS, "graphed") or not (
                 name == "compiled" or isinstance(err, RuntimeError)
@@ -547,6 +558,7 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
                 [o[done:] for o in out],
                 batch,
                 accumulate,
+                last,
             )
 
     def _probe_chunk(self) -> int:
@@ -563,6 +575,7 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
         *,
         batch: int,
         accumulate: bool,
+        last: bool = True,
     ) -> None:
         kind = "single" if probes[0].shape[0] == 1 else "block"
         # attention's math kernel is selected where a forward pass runs (graph builds,
@@ -573,7 +586,7 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
                 return
             name = self.backend_choices[kind]
             self.backend = name
-            self._run_or_fall_back(name, X, y, weight, probes, out, batch, accumulate)
+            self._run_or_fall_back(name, X, y, weight, probes, out, batch, accumulate, last)
 
     def _taylor_max_probes(self) -> int:
         return self.max_probes_per_chunk

@@ -123,7 +123,9 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
     sample of every parameter, buffer and data tensor) -- and released by :meth:`clear_cache`. It is
     not kept for train-mode BatchNorm, whose graph holds the running statistics that every
     product restores. ``cache_graph=False`` builds it afresh for every product (as always
-    happens with several batches, whose graphs are built one at a time in each product).
+    happens with several batches, whose graphs are built one at a time in each product);
+    such a graph is freed by its last backward as that runs, so an isolated product peaks
+    where plain double backward does.
 
     Args:
         model, loss_fn, data, params, reduction, check_deterministic: see

@@ -1330,6 +1330,16 @@ def _jet_parameters(
 ) -> Iterator[None]:
     """Swap ``params`` for jets in every module slot that holds them (a tied weight sits in
     several modules), restored on exit."""
+    from torch.nn.utils import parametrize
+
+    if getattr(parametrize, "_cache_enabled", 0) and any(
+        parametrize.is_parametrized(m) for m in model.modules()
+    ):
+        # the parametrized weights of jets would be cached as the weights of later passes
+        raise TaylorUnsupportedError(
+            "Taylor mode cannot run under torch.nn.utils.parametrize.cached(); "
+            "call the operator outside that context to use it"
+        )
     by_id = {id(p): jet for p, jet in zip(params, jets)}
     swapped = []
     try:

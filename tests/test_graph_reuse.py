@@ -6,6 +6,8 @@ makes the kept graph stale must be noticed (the product then matches the *new* H
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -449,3 +451,99 @@ def test_staged_probes_share_each_batch_graph(operator):
     assert rel_err(op @ V, reference @ V) < TOL
     assert calls[0] == 3
     assert op._graph is None
+
+
+def _plain_hvp(case, loss_fn, V: torch.Tensor) -> torch.Tensor:
+    """``H @ V`` of the sum over the case's batches of ``loss_fn``, by plain double backward
+    on the model's own parameters (graphs retained: they may be shared with the caller)."""
+    params = [p for p in case.model.parameters() if p.requires_grad]
+    with torch.enable_grad():
+        total = sum(loss_fn(case.model(X), y) for X, y in case.batches)
+        grads = torch.autograd.grad(total, params, create_graph=True)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        rows = [
+            torch.cat(
+                [h.reshape(-1) for h in torch.autograd.grad(flat @ v, params, retain_graph=True)]
+            )
+            for v in V.T
+        ]
+    return torch.stack(rows, dim=1)
+
+
+@pytest.mark.parametrize("backend", ["double-backward", "batched", "auto"])
+@pytest.mark.parametrize("sizes, cache_graph", [([3, 4], True), ([6], False)])
+def test_a_graph_shared_with_the_caller_is_never_freed(backend, sizes, cache_graph):
+    """A penalty computed once from the parameters and closed over by ``loss_fn`` is part of
+    every forward pass's graph. Graphs the operator does not keep are freed by their last
+    pass only when the operator built all of them: here the shared part stays, so the next
+    batch, the next product and the caller's own backward still run through it. (The
+    forward-mode backends see only what the model's forward pass does with the parameters,
+    so they miss such a penalty's curvature; ``"auto"``'s agreement check drops them.)"""
+    case = make_case("mlp-tanh", "mse-sum", sizes)
+    penalty = torch.tanh(case.params[0]).pow(2).sum()
+
+    def loss_fn(out, y):
+        return case.loss_fn(out, y) + 0.1 * penalty
+
+    op = ck.HessianOperator(
+        case.model, loss_fn, case.data, backend=backend, reduction="sum", cache_graph=cache_graph
+    )
+    V = _probes(op.shape[0], 3)
+    expected = _plain_hvp(case, loss_fn, V)
+    for _ in range(2):
+        assert rel_err(op @ V[:, 0], expected[:, 0]) < TOL
+        assert rel_err(op @ V, expected) < TOL
+    penalty.backward()  # the caller's graph is whole
+
+
+class _Doubled(torch.nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return 2 * weight
+
+
+@pytest.mark.parametrize(
+    "operator, backend",
+    [
+        ("hessian", "double-backward"),
+        ("hessian", "reverse-over-forward"),
+        ("hessian", "auto"),
+        ("ggn", "double-vjp"),
+        ("ggn", "taylor-jvp"),
+        ("ggn", "auto"),
+    ],
+)
+def test_products_under_a_cached_parametrization(operator, backend):
+    """Under ``parametrize.cached()`` every forward pass reuses the weight tensor the first
+    computed from the parameter: products over several batches run through it without
+    freeing it, and equal the products without the cache. Taylor mode would cache a jet as
+    the weight; it steps aside for double backward / double VJP there."""
+    from torch.nn.utils import parametrize
+
+    case = make_case("mlp-tanh", "mse-sum", [3, 4])
+    parametrize.register_parametrization(case.model[0], "weight", _Doubled())
+    make = ck.HessianOperator if operator == "hessian" else ck.GGNOperator
+    op = make(case.model, case.loss_fn, case.data, backend=backend, reduction="sum")
+    V = _probes(op.shape[0], 3)
+    uncached = op @ V
+    if operator == "hessian":
+        assert rel_err(uncached, _plain_hvp(case, case.loss_fn, V)) < TOL
+    with parametrize.cached(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an explicit Taylor-mode backend warns it fell back
+        for _ in range(2):
+            assert rel_err(op @ V, uncached) < TOL
+            assert rel_err(op @ V[:, 1], uncached[:, 1]) < TOL
+        case.model[0].weight.sum().backward()  # the cached weight's graph is whole
+
+
+def test_built_since_tells_new_graphs_from_shared_ones():
+    from curvkit.autodiff import built_since, graph_mark
+
+    w = torch.ones(3, requires_grad=True)
+    old = w.exp()
+    mark = graph_mark()
+    new = (w * 2).sum()
+    assert built_since(mark, new) and built_since(mark, new, None)
+    assert not built_since(mark, (old * 2).sum())
+    assert not built_since(graph_mark(), new)  # made before this mark
+    with torch.nn.utils.parametrize.cached():  # may keep a tensor made now for later
+        assert not built_since(mark, new)

@@ -44,9 +44,11 @@ from curvkit.autodiff import (
     affine_batchnorm,
     batch_hvp,
     batched_grad,
+    built_since,
     check_finite,
     chunked_into,
     differentiable_attention,
+    graph_mark,
     reaches,
     write_into,
 )
@@ -205,6 +207,7 @@ class _GGNGraph:
     u: Tensor | None = None  # the dummy cotangent of the double-VJP J V
     vjp_edges: list | None = None  # J^T u (gradient edges), differentiated w.r.t. u
     inputs: list[Tensor] | None = None  # what out is differentiated against (None: params)
+    own: bool = False  # built entirely by this operator: its last pass may free it
 
 
 class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
@@ -531,16 +534,19 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
             self.clear_cache()  # the trial's J^T u graph would be held for nothing
         return self._chunked_product(choice, X, y, weight, head, batch)
 
-    def _loss_graph(self, out: Tensor, y, weight: float) -> _GGNGraph:
-        """The model's output ``out`` (with its graph) and ``d loss / d out`` with its own."""
+    def _loss_graph(self, out: Tensor, y, weight: float, mark: int) -> _GGNGraph:
+        """The model's output ``out`` (with its graph) and ``d loss / d out`` with its own;
+        ``mark``: :func:`~curvkit.autodiff.graph_mark` before the forward pass."""
         out_d = out.detach().requires_grad_(True)
         loss = weight * self.loss_fn(out_d, y)
         check_finite(loss.detach(), "the loss")
         (g,) = torch.autograd.grad(loss, out_d, create_graph=True)
-        return _GGNGraph(out, out_d, g if g.requires_grad else None)
+        g = g if g.requires_grad else None
+        return _GGNGraph(out, out_d, g, own=built_since(mark, out, g))
 
     def _build_graph(self, X, y, weight: float) -> _GGNGraph:
         inputs, forward = self._graph_leaves()
+        mark = graph_mark()
         with self._graph_stream():
             with affine_batchnorm(self.model):  # its J^T u is differentiated again
                 out = forward(X)
@@ -548,7 +554,7 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
                     del out  # freed before the forward pass is run again
                     inputs, forward = self._stop_aliasing()
                     out = forward(X)
-            graph = self._loss_graph(_as_output_tensor(out), y, weight)
+            graph = self._loss_graph(_as_output_tensor(out), y, weight, mark)
             graph.inputs = inputs
             if self.backend in ("double-vjp", "graphed"):
                 # J^T u with its graph: differentiated w.r.t. u, it gives J V
@@ -612,7 +618,7 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
                         )
                     self.backend = "double-vjp"
             graph = self._batch_graph(X, y, weight, batch)
-            retain = not last or self._keeps_graph()
+            retain = not last or self._keeps_graph() or not graph.own
             JV = None
             if self.backend == "forward":
                 try:
@@ -652,11 +658,13 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
     def _taylor_jvp_product(self, X, y, weight: float, probes: list[Tensor]) -> list[Tensor]:
         """``J^T Lambda J V`` with ``J V`` from the forward pass that records ``J^T``'s graph,
         one pass for all of ``probes`` (:func:`curvkit.taylor.output_tangents`)."""
+        mark = graph_mark()
         out, JV = output_tangents(self.model, X, self.params, probes)
-        graph = self._loss_graph(_as_output_tensor(out), y, weight)
+        graph = self._loss_graph(_as_output_tensor(out), y, weight, mark)
         if JV is None:  # the output does not depend on the parameters
             JV = graph.out.new_zeros(probes[0].shape[0], *graph.out.shape)
-        return self._apply_lambda_and_vjp(graph, JV, retain_graph=False)  # its only use
+        # its only use: freed as the backward runs, unless it shares nodes with older graphs
+        return self._apply_lambda_and_vjp(graph, JV, retain_graph=not graph.own)
 
     def _jvp_double_vjp(
         self, graph: _GGNGraph, probes: list[Tensor], retain_graph: bool = True

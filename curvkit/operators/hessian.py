@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +14,7 @@ from curvkit.autodiff import (
     BACKENDS,
     FORWARD_MODE_BACKENDS,
     CompiledHVP,
+    GradientGraph,
     ParametersReachedError,
     batch_hvp,
     check_compile_backend,
@@ -46,15 +47,6 @@ TRIAL_PROBES = 8
 TRIAL_ROUNDS = 2
 #: the backends that push a chunk of probes through one pass (memory grows with the chunk)
 BATCHED_BACKENDS = ("batched", "forward-over-reverse")
-
-
-class KeptGradient(NamedTuple):
-    """The gradient's graph on one batch (:func:`~curvkit.autodiff.first_backward`'s edges)
-    and the tensors it is differentiated against (the parameters, or leaves aliasing them:
-    :meth:`~curvkit.operators.graphed.GraphedProducts._graph_leaves`)."""
-
-    edges: list
-    inputs: list[Tensor]
 
 
 class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
@@ -238,22 +230,24 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
             return 0.0
         return float(sum(self.compiled_product.compile_seconds.values()))
 
-    def _build_graph(self, X, y, weight: float) -> KeptGradient:
+    def _build_graph(self, X, y, weight: float) -> GradientGraph:
+        """The gradient's graph, against the parameters or leaves aliasing them
+        (:meth:`~curvkit.operators.graphed.GraphedProducts._graph_leaves`)."""
         inputs, forward = self._graph_leaves()
         aliased = () if forward is self.model else self.params
         with differentiable_attention(), self._graph_stream():
             try:
-                edges = first_backward(
+                graph = first_backward(
                     self.model, self.loss_fn, X, y, weight, inputs, forward, aliased
                 )
             except ParametersReachedError:
-                edges = None  # built again below, once the failed graph is freed
-            if edges is None:
+                graph = None  # built again below, once the failed graph is freed
+            if graph is None:
                 inputs, forward = self._stop_aliasing()
-                edges = first_backward(self.model, self.loss_fn, X, y, weight, inputs)
-        return KeptGradient(edges, inputs)
+                graph = first_backward(self.model, self.loss_fn, X, y, weight, inputs)
+        return graph
 
-    def _product_of_one(self, graph: KeptGradient, probes: list[Tensor]) -> list[Tensor]:
+    def _product_of_one(self, graph: GradientGraph, probes: list[Tensor]) -> list[Tensor]:
         hv = second_backward(graph.edges, graph.inputs, [v[0] for v in probes])
         return [h.unsqueeze(0) for h in hv]
 
@@ -485,7 +479,7 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
                     accumulate,
                 )
         graph = self._batch_graph(X, y, weight, batch)  # after sizing, which builds its own
-        if not last or self._keeps_graph():
+        if not last or self._keeps_graph() or not graph.own:
             return graph_hvp(graph.edges, graph.inputs, probes, name, chunk, out, accumulate)
         # its last use: freed as the last probe runs through it (a lower peak), then dropped
         res = graph_hvp(

@@ -125,6 +125,11 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
         backend: ``"auto"`` or one of ``"double-backward"``, ``"batched"``,
             ``"forward-over-reverse"``, ``"forward-ad"``, ``"reverse-over-forward"``,
             ``"compiled"`` (see :mod:`curvkit.autodiff`), ``"graphed"`` (see above; CUDA).
+            The forward-mode backends (and Taylor-mode quadratic forms) differentiate what
+            the model's forward pass computes from the parameters. A ``loss_fn`` that also
+            uses parameter tensors it holds itself (a penalty) gets that term's curvature
+            only from the reverse-mode backends; ``"auto"``'s agreement check then drops
+            the others.
         max_probes_per_chunk: most probes a batched backend (``"batched"``,
             ``"forward-over-reverse"``, ``"compiled"``) pushes through at once.
         memory_budget: bytes a product of ``K`` probes may hold beyond its ``(D, K)``

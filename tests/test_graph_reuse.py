@@ -547,3 +547,24 @@ def test_built_since_tells_new_graphs_from_shared_ones():
     assert not built_since(graph_mark(), new)  # made before this mark
     with torch.nn.utils.parametrize.cached():  # may keep a tensor made now for later
         assert not built_since(mark, new)
+
+
+@pytest.mark.parametrize("backend", ["reverse-over-forward", "forward-over-reverse", "forward-ad"])
+def test_a_forward_mode_backend_refuses_a_loss_that_holds_the_parameters(backend):
+    """A forward-mode backend differentiates the model's forward pass only: asked for by
+    name with a loss_fn that uses a parameter itself, it raises instead of returning a
+    product without that term's curvature."""
+    case = make_case("mlp-tanh", "mse-sum", [3, 4])
+    weight = case.params[0]
+
+    def penalised(out, y):
+        return case.loss_fn(out, y) + 0.1 * torch.tanh(weight).pow(2).sum()
+
+    op = ck.HessianOperator(case.model, penalised, case.data, backend=backend, reduction="sum")
+    v = _probes(op.shape[0], 1)[:, 0]
+    with pytest.raises(ValueError, match="uses the parameters directly"):
+        op @ v
+    plain = ck.HessianOperator(
+        case.model, case.loss_fn, case.data, backend=backend, reduction="sum"
+    )
+    assert rel_err(plain @ v, dense_hessian(case) @ v) < TOL

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from curvkit.autodiff import (
     BACKENDS,
@@ -22,6 +23,7 @@ from curvkit.autodiff import (
     differentiable_attention,
     first_backward,
     graph_hvp,
+    reaches,
     second_backward,
     write_into,
 )
@@ -128,8 +130,8 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
             The forward-mode backends (and Taylor-mode quadratic forms) differentiate what
             the model's forward pass computes from the parameters. A ``loss_fn`` that also
             uses parameter tensors it holds itself (a penalty) gets that term's curvature
-            only from the reverse-mode backends; ``"auto"``'s agreement check then drops
-            the others.
+            only from the reverse-mode backends: asked for by name, a forward-mode backend
+            then raises at the first product, and ``"auto"``'s agreement check drops them.
         max_probes_per_chunk: most probes a batched backend (``"batched"``,
             ``"forward-over-reverse"``, ``"compiled"``) pushes through at once.
         memory_budget: bytes a product of ``K`` probes may hold beyond its ``(D, K)``
@@ -204,6 +206,9 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
             check_deterministic=check_deterministic,
         )
         self.requested_backend = backend
+        # a forward-mode backend asked for by name: whether loss_fn only sees the parameters
+        # through the model's output is checked at the first product
+        self._loss_checked = backend not in FORWARD_MODE_BACKENDS
         self.backend = backend
         self.backend_choices: dict[str, str] = (
             {} if backend == "auto" else {"single": backend, "block": backend}
@@ -579,6 +584,8 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
         last: bool = True,
     ) -> None:
         kind = "single" if probes[0].shape[0] == 1 else "block"
+        if not self._loss_checked:
+            self._check_loss_sees_output_only(X, y)
         # attention's math kernel is selected where a forward pass runs (graph builds,
         # forward-mode backends): a product through a kept graph runs none
         with torch.enable_grad():
@@ -588,6 +595,27 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
             name = self.backend_choices[kind]
             self.backend = name
             self._run_or_fall_back(name, X, y, weight, probes, out, batch, accumulate, last)
+
+    def _check_loss_sees_output_only(self, X, y) -> None:
+        """Raise if ``loss_fn`` uses the parameters other than through ``model(X)`` (a
+        penalty it holds): the forward-mode backends differentiate only the model's forward
+        pass and would miss that curvature (``"auto"``'s agreement check drops them)."""
+        with torch.no_grad(), differentiable_attention():
+            out = self.model(X)
+        detached = tree_map(
+            lambda t: t.detach().requires_grad_() if isinstance(t, Tensor) else t, out
+        )
+        with torch.enable_grad():
+            loss = self.loss_fn(detached, y)
+        if isinstance(loss, Tensor) and reaches(loss, self.params):
+            raise ValueError(
+                f"loss_fn uses the parameters directly, not only through the model's output, "
+                f"and backend {self.requested_backend!r} differentiates only the model's "
+                "forward pass, so it would miss that part of the Hessian. Use "
+                "backend='double-backward' or 'batched' (or 'auto', which checks its "
+                "candidates against double backward), or move the term into the model."
+            )
+        self._loss_checked = True
 
     def _taylor_max_probes(self) -> int:
         return self.max_probes_per_chunk

@@ -549,22 +549,44 @@ def test_built_since_tells_new_graphs_from_shared_ones():
         assert not built_since(mark, new)
 
 
-@pytest.mark.parametrize("backend", ["reverse-over-forward", "forward-over-reverse", "forward-ad"])
-def test_a_forward_mode_backend_refuses_a_loss_that_holds_the_parameters(backend):
-    """A forward-mode backend differentiates the model's forward pass only: asked for by
-    name with a loss_fn that uses a parameter itself, it raises instead of returning a
-    product without that term's curvature."""
+def _penalised_case():
+    """A case whose loss_fn adds a penalty on a parameter it holds itself."""
     case = make_case("mlp-tanh", "mse-sum", [3, 4])
     weight = case.params[0]
 
     def penalised(out, y):
         return case.loss_fn(out, y) + 0.1 * torch.tanh(weight).pow(2).sum()
 
+    return case, penalised
+
+
+@pytest.mark.parametrize("backend", ["reverse-over-forward", "forward-over-reverse", "forward-ad"])
+def test_a_forward_mode_backend_refuses_a_loss_that_holds_the_parameters(backend):
+    """A forward-mode backend differentiates the model's forward pass only: asked for by
+    name with a loss_fn that uses a parameter itself, it raises instead of returning a
+    product without that term's curvature."""
+    case, penalised = _penalised_case()
     op = ck.HessianOperator(case.model, penalised, case.data, backend=backend, reduction="sum")
     v = _probes(op.shape[0], 1)[:, 0]
-    with pytest.raises(ValueError, match="uses the parameters directly"):
+    with pytest.raises(ValueError, match=f"uses the parameters directly.*{backend}"):
         op @ v
     plain = ck.HessianOperator(
         case.model, case.loss_fn, case.data, backend=backend, reduction="sum"
     )
     assert rel_err(plain @ v, dense_hessian(case) @ v) < TOL
+
+
+def test_taylor_forms_refuse_a_loss_that_holds_the_parameters():
+    """Taylor-mode quadratic forms likewise: asked for by name they raise; under "auto"
+    they disagree with v^T (H v) in the trial and are dropped."""
+    case, penalised = _penalised_case()
+    taylor = ck.HessianOperator(
+        case.model, penalised, case.data, reduction="sum", quadratic_form_method="taylor"
+    )
+    V = _probes(taylor.shape[0], 2)
+    with pytest.raises(ValueError, match="quadratic_form_method='taylor'"):
+        taylor.quadratic_form(V)
+    auto = ck.HessianOperator(case.model, penalised, case.data, reduction="sum")
+    expected = (V * _plain_hvp(case, penalised, V)).sum(0)
+    assert rel_err(auto.quadratic_form(V), expected) < TOL
+    assert auto.quadratic_form_choice == "hvp"

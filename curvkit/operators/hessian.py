@@ -206,9 +206,10 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
             check_deterministic=check_deterministic,
         )
         self.requested_backend = backend
-        # a forward-mode backend asked for by name: whether loss_fn only sees the parameters
-        # through the model's output is checked at the first product
+        # a forward-mode backend or Taylor mode asked for by name: whether loss_fn only sees
+        # the parameters through the model's output is checked before they first run
         self._loss_checked = backend not in FORWARD_MODE_BACKENDS
+        self._taylor_loss_checked = quadratic_form_method != "taylor"
         self.backend = backend
         self.backend_choices: dict[str, str] = (
             {} if backend == "auto" else {"single": backend, "block": backend}
@@ -585,7 +586,8 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
     ) -> None:
         kind = "single" if probes[0].shape[0] == 1 else "block"
         if not self._loss_checked:
-            self._check_loss_sees_output_only(X, y)
+            self._check_loss_sees_output_only(X, y, f"backend {self.requested_backend!r}")
+            self._loss_checked = True
         # attention's math kernel is selected where a forward pass runs (graph builds,
         # forward-mode backends): a product through a kept graph runs none
         with torch.enable_grad():
@@ -596,10 +598,16 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
             self.backend = name
             self._run_or_fall_back(name, X, y, weight, probes, out, batch, accumulate, last)
 
-    def _check_loss_sees_output_only(self, X, y) -> None:
+    def _check_taylor_loss(self, X, y) -> None:
+        if not self._taylor_loss_checked:
+            self._check_loss_sees_output_only(X, y, "quadratic_form_method='taylor'")
+            self._taylor_loss_checked = True
+
+    def _check_loss_sees_output_only(self, X, y, what: str) -> None:
         """Raise if ``loss_fn`` uses the parameters other than through ``model(X)`` (a
-        penalty it holds): the forward-mode backends differentiate only the model's forward
-        pass and would miss that curvature (``"auto"``'s agreement check drops them)."""
+        penalty it holds): the forward-mode backends and Taylor mode (``what``, asked for
+        by name) differentiate only the model's forward pass and would miss that curvature
+        (``"auto"``'s agreement checks drop them)."""
         with torch.no_grad(), differentiable_attention():
             out = self.model(X)
         detached = tree_map(
@@ -610,12 +618,11 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
         if isinstance(loss, Tensor) and reaches(loss, self.params):
             raise ValueError(
                 f"loss_fn uses the parameters directly, not only through the model's output, "
-                f"and backend {self.requested_backend!r} differentiates only the model's "
-                "forward pass, so it would miss that part of the Hessian. Use "
-                "backend='double-backward' or 'batched' (or 'auto', which checks its "
-                "candidates against double backward), or move the term into the model."
+                f"and {what} differentiates only the model's forward pass, so it would miss "
+                "that part of the Hessian. Use backend='double-backward' or 'batched' and "
+                "quadratic_form_method='hvp' (or 'auto', which checks its candidates against "
+                "double backward), or move the term into the model."
             )
-        self._loss_checked = True
 
     def _taylor_max_probes(self) -> int:
         return self.max_probes_per_chunk

@@ -169,6 +169,7 @@ class TaylorQuadraticForms:
         reuse_freed_memory(self.device)
         with preserved_state(self.model, self.device):
             for X, y, weight in self._iter_batches():
+                self._check_taylor_loss(X, y)
                 for s, e, rows in self._probe_rows(V, step, stage):
                     sums[s // group_size : e // group_size] += taylor_quadratic_forms(
                         self.model,
@@ -183,6 +184,10 @@ class TaylorQuadraticForms:
                     )
         check_finite(sums, f"the {type(self).__name__} quadratic form")
         return sums
+
+    def _check_taylor_loss(self, X: Any, y: Tensor) -> None:
+        """Raise if Taylor mode cannot give this operator's forms on this loss (subclasses
+        that can tell)."""
 
     def _quadratic_form(self, V: Tensor, group_size: int = 1) -> Tensor:
         if self.quadratic_form_choice is None:

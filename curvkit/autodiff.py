@@ -76,6 +76,7 @@ __all__ = [
     "ParametersReachedError",
     "built_since",
     "graph_mark",
+    "parametrizations_cached",
     "reaches",
     "graph_hvp",
     "grad_into",
@@ -498,6 +499,8 @@ def batch_hvp(
         )
     if chunk_size < 1:
         raise ValueError("chunk_size must be at least 1")
+    if backend in FORWARD_MODE_BACKENDS:
+        refuse_cached_parametrizations(model, backend)
     if backend == "forward-over-reverse":
         compute = _forward_over_reverse(model, loss_fn, X, y, weight, params, param_names)
     elif backend == "compiled":
@@ -544,31 +547,60 @@ def reaches(output: Tensor, leaves: Sequence[Tensor]) -> bool:
     return any(id(getattr(node, "variable", None)) in targets for node in _graph_nodes(output))
 
 
+def refuse_cached_parametrizations(model: nn.Module, what: str) -> None:
+    """Raise (a ``RuntimeError``: the operators then fall back to double backward) where a
+    forward-mode backend ``what`` would differentiate a stale weight: it runs the model on
+    stand-ins for the parameters, while ``parametrize.cached()`` hands every pass the weight
+    the first computed from the parameters themselves."""
+    if parametrizations_cached(model):
+        raise RuntimeError(
+            f"{what} cannot run under torch.nn.utils.parametrize.cached() (the cached weights "
+            "do not follow its stand-ins for the parameters); call the operator outside that "
+            "context to use it"
+        )
+
+
 def graph_mark() -> int:
     """A mark for :func:`built_since`: autograd numbers the nodes each thread creates in
-    order, and every node created after this call is numbered at least this."""
+    order, and every node this thread creates after this call is numbered at least this."""
     with torch.enable_grad():
         return (torch.zeros((), requires_grad=True) * 1).grad_fn._sequence_nr() + 1
 
 
+def parametrizations_cached(model: nn.Module | None = None) -> bool:
+    """Whether ``torch.nn.utils.parametrize.cached()`` is active (and ``model``, if given,
+    has parametrized modules): a parametrized weight computed in one forward pass is then
+    reused by the later ones until the context ends."""
+    from torch.nn.utils import parametrize
+
+    if not getattr(parametrize, "_cache_enabled", 0):
+        return False
+    return model is None or any(parametrize.is_parametrized(m) for m in model.modules())
+
+
 def built_since(mark: int, *outputs: Tensor | None) -> bool:
-    """Whether the graphs of ``outputs`` are the caller's alone: every node was created after
-    :func:`graph_mark` gave ``mark`` (in this thread; the leaves' gradient accumulators count
-    as new), and no parametrization cache (``torch.nn.utils.parametrize.cached()``) could
-    keep one of them for later forward passes.
+    """Whether the graphs of ``outputs`` are the caller's alone: this thread created every
+    node between :func:`graph_mark` giving ``mark`` and this call (the leaves' gradient
+    accumulators aside), and no parametrization cache could keep one of them for later
+    forward passes (:func:`parametrizations_cached`).
 
     Only such a graph may be freed by the last backward through it (``retain_graph=False``).
     A graph that also runs through older nodes shares them with graphs the user may still
     need: a tensor computed from the parameters once and used by every forward pass (a penalty
     that ``loss_fn`` closes over, a weight cached before), or inputs with a graph of their
-    own. A module that caches such a tensor itself, in its first forward pass, is not seen.
-    One walk of the graph: 15-80 us on the benchmark models (CPU sizes).
+    own. Autograd numbers nodes per thread, so a node another thread made (in its own
+    numbering) is taken as shared unless its number falls in this thread's window. A module
+    that caches such a tensor itself, in its first forward pass, is not seen. One walk of the
+    graph: 15-80 us on the benchmark models (CPU sizes).
     """
-    from torch.nn.utils import parametrize
-
-    if getattr(parametrize, "_cache_enabled", 0):
+    if parametrizations_cached():
         return False
-    return all(node._sequence_nr() >= mark for node in _graph_nodes(*outputs))
+    end = graph_mark()
+    return all(
+        mark <= node._sequence_nr() < end
+        for node in _graph_nodes(*outputs)
+        if not hasattr(node, "variable")  # a leaf's accumulator: numbered apart, holds nothing
+    )
 
 
 class GradientGraph(NamedTuple):
@@ -763,6 +795,7 @@ class CompiledHVP:
     ) -> Callable[[list[Tensor]], list[Tensor]]:
         """A function of a chunk of probes ``(c, *param.shape)`` returning their products
         ``(c, *param.shape)`` on the batch ``(X, y)`` weighted by ``weight``."""
+        refuse_cached_parametrizations(self.model, "the compiled product")
         primals = tuple(p.detach() for p in params)
         state = self._state()
         w = torch.tensor(weight, dtype=primals[0].dtype, device=primals[0].device)

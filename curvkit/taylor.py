@@ -1330,11 +1330,9 @@ def _jet_parameters(
 ) -> Iterator[None]:
     """Swap ``params`` for jets in every module slot that holds them (a tied weight sits in
     several modules), restored on exit."""
-    from torch.nn.utils import parametrize
+    from curvkit.autodiff import parametrizations_cached
 
-    if getattr(parametrize, "_cache_enabled", 0) and any(
-        parametrize.is_parametrized(m) for m in model.modules()
-    ):
+    if parametrizations_cached(model):
         # the parametrized weights of jets would be cached as the weights of later passes
         raise TaylorUnsupportedError(
             "Taylor mode cannot run under torch.nn.utils.parametrize.cached(); "

@@ -414,7 +414,6 @@ def test_a_graph_built_for_one_product_is_freed_by_its_last_pass(operator, backe
     reference = dense_hessian(case) if operator == "hessian" else _ggn_reference(case)
     v = _probes(op.shape[0], 1)[:, 0]
     assert rel_err(op @ v, reference @ v) < TOL
-    assert op._graph is None
     freed = peak_allocated_bytes(lambda: op @ v)
     module = ck.operators.hessian if operator == "hessian" else ck.operators.ggn
     name = "graph_hvp" if operator == "hessian" else "batched_grad"
@@ -450,7 +449,6 @@ def test_staged_probes_share_each_batch_graph(operator):
     assert not V.T.is_contiguous() and op._probe_chunk() < 20
     assert rel_err(op @ V, reference @ V) < TOL
     assert calls[0] == 3
-    assert op._graph is None
 
 
 def _plain_hvp(case, loss_fn, V: torch.Tensor) -> torch.Tensor:
@@ -471,7 +469,9 @@ def _plain_hvp(case, loss_fn, V: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("backend", ["double-backward", "batched", "auto"])
-@pytest.mark.parametrize("sizes, cache_graph", [([3, 4], True), ([6], False)])
+@pytest.mark.parametrize(
+    "sizes, cache_graph", [([3, 4], True), ([6], False)], ids=["two-batches", "not-kept"]
+)
 def test_a_graph_shared_with_the_caller_is_never_freed(backend, sizes, cache_graph):
     """A penalty computed once from the parameters and closed over by ``loss_fn`` is part of
     every forward pass's graph. Graphs the operator does not keep are freed by their last
@@ -506,6 +506,7 @@ class _Doubled(torch.nn.Module):
     [
         ("hessian", "double-backward"),
         ("hessian", "reverse-over-forward"),
+        ("hessian", "forward-over-reverse"),
         ("hessian", "auto"),
         ("ggn", "double-vjp"),
         ("ggn", "taylor-jvp"),
@@ -514,25 +515,61 @@ class _Doubled(torch.nn.Module):
 )
 def test_products_under_a_cached_parametrization(operator, backend):
     """Under ``parametrize.cached()`` every forward pass reuses the weight tensor the first
-    computed from the parameter: products over several batches run through it without
-    freeing it, and equal the products without the cache. Taylor mode would cache a jet as
-    the weight; it steps aside for double backward / double VJP there."""
+    computed from the parameter. From the first product on, products over several batches
+    equal those without the cache, and the cached weight's graph stays whole for the caller.
+    Backends that run the model on stand-ins for the parameters (forward mode, Taylor mode)
+    would differentiate the cached weight as a constant: they step aside for double
+    backward / double VJP there, with a warning when asked for by name."""
     from torch.nn.utils import parametrize
 
     case = make_case("mlp-tanh", "mse-sum", [3, 4])
     parametrize.register_parametrization(case.model[0], "weight", _Doubled())
     make = ck.HessianOperator if operator == "hessian" else ck.GGNOperator
-    op = make(case.model, case.loss_fn, case.data, backend=backend, reduction="sum")
-    V = _probes(op.shape[0], 3)
-    uncached = op @ V
+    V = _probes(sum(p.numel() for p in case.params), 3)
+    expected = make(case.model, case.loss_fn, case.data, reduction="sum") @ V
     if operator == "hessian":
-        assert rel_err(uncached, _plain_hvp(case, case.loss_fn, V)) < TOL
+        assert rel_err(expected, _plain_hvp(case, case.loss_fn, V)) < TOL
+    X = case.batches[0][0]
+    case.model(X).sum().backward()
+    grads = [p.grad.clone() for p in case.params]
+    case.model.zero_grad()
+    op = make(case.model, case.loss_fn, case.data, backend=backend, reduction="sum")
     with parametrize.cached(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # an explicit Taylor-mode backend warns it fell back
+        warnings.simplefilter("ignore")  # an explicit backend warns that it fell back
         for _ in range(2):
-            assert rel_err(op @ V, uncached) < TOL
-            assert rel_err(op @ V[:, 1], uncached[:, 1]) < TOL
-        case.model[0].weight.sum().backward()  # the cached weight's graph is whole
+            assert rel_err(op @ V, expected) < TOL
+            assert rel_err(op @ V[:, 1], expected[:, 1]) < TOL
+        case.model(X).sum().backward()  # through the cached weight: its graph is whole
+    assert all(rel_err(p.grad, g) < TOL for p, g in zip(case.params, grads))
+
+
+def test_a_penalty_another_thread_made_is_not_freed():
+    """Autograd numbers nodes per thread: a penalty whose nodes the main thread numbered is
+    older than a product run in a fresh thread, whose numbers start lower. It must still be
+    taken as shared."""
+    import threading
+
+    from curvkit.autodiff import graph_mark
+
+    case = make_case("mlp-tanh", "mse-sum", [3, 4])
+    while graph_mark() < 10_000:  # numbers above any the fresh thread's product reaches
+        pass
+    penalty = torch.tanh(case.params[0]).pow(2).sum()
+
+    def loss_fn(out, y):
+        return case.loss_fn(out, y) + 0.1 * penalty
+
+    op = ck.HessianOperator(
+        case.model, loss_fn, case.data, backend="double-backward", reduction="sum"
+    )
+    V = _probes(op.shape[0], 2)
+    expected = _plain_hvp(case, loss_fn, V)
+    results = []
+    worker = threading.Thread(target=lambda: results.append(op @ V))
+    worker.start()
+    worker.join()
+    assert results and rel_err(results[0], expected) < TOL
+    penalty.backward()
 
 
 def test_built_since_tells_new_graphs_from_shared_ones():
@@ -584,9 +621,66 @@ def test_taylor_forms_refuse_a_loss_that_holds_the_parameters():
         case.model, penalised, case.data, reduction="sum", quadratic_form_method="taylor"
     )
     V = _probes(taylor.shape[0], 2)
-    with pytest.raises(ValueError, match="quadratic_form_method='taylor'"):
+    with pytest.raises(ValueError, match="Taylor mode differentiates only"):
         taylor.quadratic_form(V)
     auto = ck.HessianOperator(case.model, penalised, case.data, reduction="sum")
     expected = (V * _plain_hvp(case, penalised, V)).sum(0)
     assert rel_err(auto.quadratic_form(V), expected) < TOL
     assert auto.quadratic_form_choice == "hvp"
+    assert "uses the parameters directly" in auto.quadratic_form_trial["taylor"]
+
+
+def test_auto_leaves_forward_mode_out_for_a_loss_that_holds_the_parameters():
+    """However small the penalty's curvature (here below the trial's agreement tolerance),
+    "auto" never times a backend that would miss it."""
+    case = make_case("mlp-tanh", "mse-sum", [6])
+    weight = case.params[0]
+
+    def decayed(out, y):
+        return case.loss_fn(out, y) + 1e-12 * weight.pow(2).sum()
+
+    op = ck.HessianOperator(case.model, decayed, case.data, reduction="sum", cache_graph=False)
+    V = _probes(op.shape[0], 3)
+    expected = _plain_hvp(case, decayed, V)
+    assert rel_err(op @ V[:, 0], expected[:, 0]) < TOL
+    assert rel_err(op @ V, expected) < TOL
+    for kind in ("single", "block"):
+        trial = op.backend_trials[kind]
+        assert all(
+            trial[name] == "loss_fn uses the parameters beyond the model's output"
+            for name in trial
+            if name in ("forward-ad", "reverse-over-forward", "forward-over-reverse")
+        )
+        assert op.backend_choices[kind] in ("double-backward", "batched")
+    plain = ck.HessianOperator(case.model, case.loss_fn, case.data, reduction="sum")
+    plain @ V[:, 0]
+    assert isinstance(plain.backend_trials["single"]["reverse-over-forward"], float)
+
+
+def test_the_loss_check_leaves_random_streams_and_integer_outputs_alone():
+    """The check's forward pass draws no random numbers from the product's stream (dropout
+    masks of the first product equal the later ones'), and a model that returns integer
+    tensors beside its output is fine."""
+
+    class WithLabels(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Dropout(0.5))
+
+        def forward(self, X):
+            return self.net(X), torch.zeros(X.shape[0], dtype=torch.long)
+
+    def loss_fn(out, y):
+        return (out[0] - y).pow(2).sum()
+
+    torch.manual_seed(0)
+    model = WithLabels().double().train()
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    op = ck.HessianOperator(
+        model, loss_fn, (X, y), backend="forward-ad", reduction="sum", check_deterministic=False
+    )
+    v = _probes(op.shape[0], 1)[:, 0]
+    torch.manual_seed(1)
+    first = op @ v
+    torch.manual_seed(1)
+    assert torch.equal(op @ v, first)

@@ -542,7 +542,9 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
         check_finite(loss.detach(), "the loss")
         (g,) = torch.autograd.grad(loss, out_d, create_graph=True)
         g = g if g.requires_grad else None
-        return _GGNGraph(out, out_d, g, own=built_since(mark, out, g))
+        # the loss, not g: g's nodes are numbered by the thread that ran the backward (a
+        # device thread on CUDA), the loss's by this one, and g's graph uses only its tensors
+        return _GGNGraph(out, out_d, g, own=built_since(mark, out, loss))
 
     def _build_graph(self, X, y, weight: float) -> _GGNGraph:
         inputs, forward = self._graph_leaves()

@@ -23,6 +23,7 @@ from curvkit.autodiff import (
     differentiable_attention,
     first_backward,
     graph_hvp,
+    parametrizations_cached,
     reaches,
     second_backward,
     write_into,
@@ -206,10 +207,9 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
             check_deterministic=check_deterministic,
         )
         self.requested_backend = backend
-        # a forward-mode backend or Taylor mode asked for by name: whether loss_fn only sees
-        # the parameters through the model's output is checked before they first run
-        self._loss_checked = backend not in FORWARD_MODE_BACKENDS
-        self._taylor_loss_checked = quadratic_form_method != "taylor"
+        # whether loss_fn uses the parameters beyond the model's output (checked before a
+        # forward-mode backend or Taylor mode first runs; None: not yet)
+        self._loss_holds_params: bool | None = None
         self.backend = backend
         self.backend_choices: dict[str, str] = (
             {} if backend == "auto" else {"single": backend, "block": backend}
@@ -388,8 +388,13 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
         trial_probes = [v[:chunk] for v in probes]
         tol = agreement_tolerance(self.model, self.dtype, self.device)
         timings: dict[str, float | str] = {}
+        if any(n in FORWARD_MODE_BACKENDS for n in self._candidates(kind)):
+            if self._loss_holds_parameters(X, y):
+                for name in set(self._candidates(kind)) & set(FORWARD_MODE_BACKENDS):
+                    timings[name] = "loss_fn uses the parameters beyond the model's output"
         for name in self._candidates(kind) if kind == "block" else ():
-            if name in BATCHED_BACKENDS:  # sized first: measuring builds graphs of its own
+            if name in BATCHED_BACKENDS and name not in timings:  # sized first: measuring
+                # builds graphs of its own
                 try:
                     over = self._over_budget(name)
                 except Exception as err:  # measuring ran the backend: a failure drops it
@@ -585,9 +590,8 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
         last: bool = True,
     ) -> None:
         kind = "single" if probes[0].shape[0] == 1 else "block"
-        if not self._loss_checked:
-            self._check_loss_sees_output_only(X, y, f"backend {self.requested_backend!r}")
-            self._loss_checked = True
+        if self.requested_backend in FORWARD_MODE_BACKENDS:
+            self._refuse_a_loss_holding_parameters(X, y, f"backend {self.requested_backend!r}")
         # attention's math kernel is selected where a forward pass runs (graph builds,
         # forward-mode backends): a product through a kept graph runs none
         with torch.enable_grad():
@@ -599,30 +603,38 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
             self._run_or_fall_back(name, X, y, weight, probes, out, batch, accumulate, last)
 
     def _check_taylor_loss(self, X, y) -> None:
-        if not self._taylor_loss_checked:
-            self._check_loss_sees_output_only(X, y, "quadratic_form_method='taylor'")
-            self._taylor_loss_checked = True
+        self._refuse_a_loss_holding_parameters(X, y, "Taylor mode")
 
-    def _check_loss_sees_output_only(self, X, y, what: str) -> None:
+    def _refuse_a_loss_holding_parameters(self, X, y, what: str) -> None:
         """Raise if ``loss_fn`` uses the parameters other than through ``model(X)`` (a
-        penalty it holds): the forward-mode backends and Taylor mode (``what``, asked for
-        by name) differentiate only the model's forward pass and would miss that curvature
-        (``"auto"``'s agreement checks drop them)."""
-        with torch.no_grad(), differentiable_attention():
-            out = self.model(X)
-        detached = tree_map(
-            lambda t: t.detach().requires_grad_() if isinstance(t, Tensor) else t, out
+        penalty it holds): ``what``, a forward-mode backend or Taylor mode, differentiates
+        only the model's forward pass and would miss that curvature. Asked for by name they
+        raise; ``"auto"`` leaves them out (its trials record why)."""
+        if not self._loss_holds_parameters(X, y):
+            return
+        raise ValueError(
+            f"loss_fn uses the parameters directly, not only through the model's output, and "
+            f"{what} differentiates only the model's forward pass, so it would miss that part "
+            "of the Hessian. Use backend='double-backward' or 'batched' and "
+            "quadratic_form_method='hvp' (or 'auto', which leaves the others out), or move "
+            "the term into the model."
         )
-        with torch.enable_grad():
-            loss = self.loss_fn(detached, y)
-        if isinstance(loss, Tensor) and reaches(loss, self.params):
-            raise ValueError(
-                f"loss_fn uses the parameters directly, not only through the model's output, "
-                f"and {what} differentiates only the model's forward pass, so it would miss "
-                "that part of the Hessian. Use backend='double-backward' or 'batched' and "
-                "quadratic_form_method='hvp' (or 'auto', which checks its candidates against "
-                "double backward), or move the term into the model."
-            )
+
+    def _loss_holds_parameters(self, X, y) -> bool:
+        """Whether ``loss_fn`` uses the parameters beyond ``model(X)``: one forward pass,
+        once per operator (its random numbers are not drawn from the product's stream).
+        Under ``parametrize.cached()`` it is not run (a pass would fill the cache), and the
+        forward-mode backends refuse to run there anyway."""
+        if self._loss_holds_params is None:
+            if parametrizations_cached(self.model):
+                return False
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices), torch.enable_grad(), differentiable_attention():
+                out = self.model(X)  # with grad mode on: a forward may differentiate itself
+                outside = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, out)
+                loss = self.loss_fn(outside, y)
+            self._loss_holds_params = isinstance(loss, Tensor) and reaches(loss, self.params)
+        return self._loss_holds_params
 
     def _taylor_max_probes(self) -> int:
         return self.max_probes_per_chunk

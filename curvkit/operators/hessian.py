@@ -132,7 +132,11 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
             the model's forward pass computes from the parameters. A ``loss_fn`` that also
             uses parameter tensors it holds itself (a penalty) gets that term's curvature
             only from the reverse-mode backends: asked for by name, a forward-mode backend
-            then raises at the first product, and ``"auto"``'s agreement check drops them.
+            (or ``quadratic_form_method="taylor"``) then raises at its first use, and
+            ``"auto"`` leaves them out (one extra forward pass at its first trial tells).
+            Under ``torch.nn.utils.parametrize.cached()`` they cannot run (the cached
+            weights do not follow their stand-ins for the parameters): they fall back to
+            double backward there.
         max_probes_per_chunk: most probes a batched backend (``"batched"``,
             ``"forward-over-reverse"``, ``"compiled"``) pushes through at once.
         memory_budget: bytes a product of ``K`` probes may hold beyond its ``(D, K)``

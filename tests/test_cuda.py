@@ -243,3 +243,52 @@ def test_compiled_backend_on_cuda(spec):
         out = op @ V
     assert op.backend == "compiled", op.backend_fallback_reason
     assert rel_err(out.cpu(), H_dense @ V.cpu()) < TOL
+
+
+@pytest.mark.parametrize("operator", ["hessian", "ggn"])
+def test_graphs_built_on_cuda_are_the_operators_own(operator):
+    """On CUDA the backward that builds ``d loss / d out`` (and the first backward) runs on
+    autograd's device thread, which numbers its nodes itself: the graphs must still count
+    as the operator's own, so that an isolated product frees them as its last pass runs."""
+    case, data, V, _ = _problem(("transformer", "ce-seq-mean", [4]), operator, 1)
+    make = ck.HessianOperator if operator == "hessian" else ck.GGNOperator
+    backend = "double-backward" if operator == "hessian" else "double-vjp"
+    op = make(case.model, case.loss_fn, data, backend=backend)
+    X, y = op._prepare(*op.batches.first())
+    with torch.enable_grad():
+        assert op._build_graph(X, y, 1.0).own
+
+
+def test_an_isolated_product_on_cuda_peaks_where_plain_double_backward_does():
+    """CUDA allocator peak of an isolated double-backward product against plain double
+    backward (``autograd.grad(g, params, v)``, no retained graph) on the same batch."""
+    case, data, V, expected = _problem(("transformer", "ce-seq-mean", [4]), "hessian", 1)
+    op = ck.HessianOperator(
+        case.model, case.loss_fn, data, backend="double-backward", cache_graph=False
+    )
+    v = V[:, 0]
+    assert rel_err(op @ v, expected[:, 0]) < TOL
+    X, y = (t.cuda() for t in case.batches[0])
+    params = case.params
+    vs = [t.view_as(p) for t, p in zip(v.split([p.numel() for p in params]), params)]
+
+    def peak(run) -> int:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = run()
+        torch.cuda.synchronize()
+        del out
+        return torch.cuda.max_memory_allocated() - before
+
+    def plain():
+        from curvkit.autodiff import differentiable_attention
+
+        with differentiable_attention():
+            g = torch.autograd.grad(case.loss_fn(case.model(X), y), params, create_graph=True)
+            return torch.autograd.grad(g, params, vs)
+
+    plain()  # warm-up
+    reference = peak(plain)
+    result_bytes = v.numel() * v.element_size()
+    assert peak(lambda: op @ v) <= reference + 2 * result_bytes + 2**16

@@ -1330,14 +1330,10 @@ def _jet_parameters(
 ) -> Iterator[None]:
     """Swap ``params`` for jets in every module slot that holds them (a tied weight sits in
     several modules), restored on exit."""
-    from curvkit.autodiff import parametrizations_cached
+    from curvkit.autodiff import refuse_cached_parametrizations
 
-    if parametrizations_cached(model):
-        # the parametrized weights of jets would be cached as the weights of later passes
-        raise TaylorUnsupportedError(
-            "Taylor mode cannot run under torch.nn.utils.parametrize.cached(); "
-            "call the operator outside that context to use it"
-        )
+    # the parametrized weights of jets would be cached as the weights of later passes
+    refuse_cached_parametrizations(model, "Taylor mode", TaylorUnsupportedError)
     by_id = {id(p): jet for p, jet in zip(params, jets)}
     swapped = []
     try:

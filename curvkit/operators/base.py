@@ -322,6 +322,12 @@ class CurvatureOperator(LinearOperator):
         restores."""
         return self.cache_graph and not any(m.training for m in self._batchnorms)
 
+    def _frees(self, graph: Any, last: bool) -> bool:
+        """Whether the pass through ``graph`` (which has ``own``) may free it as it runs: no
+        further probes of this product go through it (``last``), it is not kept, and the
+        operator built all of it (``autodiff.built_since``)."""
+        return last and not self._keeps_graph() and graph.own
+
     def _product_done(self) -> None:
         """Called after every product: keep the graph for the next, or release it."""
         if self._graph is not None and self._keeps_graph():

@@ -620,7 +620,6 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
                         )
                     self.backend = "double-vjp"
             graph = self._batch_graph(X, y, weight, batch)
-            retain = not last or self._keeps_graph() or not graph.own
             JV = None
             if self.backend == "forward":
                 try:
@@ -642,9 +641,11 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
                     replay = self._graphed_or_fall_back(graph)
                     if replay is not None:
                         return replay(probes)  # one probe (views: the caller copies them)
-                JV = self._jvp_double_vjp(graph, probes, retain)
-            res = self._apply_lambda_and_vjp(graph, JV, retain)
-            if not retain:
+            frees = self._frees(graph, last)  # of the graph the product runs through
+            if JV is None:
+                JV = self._jvp_double_vjp(graph, probes, retain_graph=not frees)
+            res = self._apply_lambda_and_vjp(graph, JV, retain_graph=not frees)
+            if frees:
                 self._release_graph()
             return res
 

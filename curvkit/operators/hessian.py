@@ -392,11 +392,12 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
         trial_probes = [v[:chunk] for v in probes]
         tol = agreement_tolerance(self.model, self.dtype, self.device)
         timings: dict[str, float | str] = {}
-        if any(n in FORWARD_MODE_BACKENDS for n in self._candidates(kind)):
-            if self._loss_holds_parameters(X, y):
-                for name in set(self._candidates(kind)) & set(FORWARD_MODE_BACKENDS):
-                    timings[name] = "loss_fn uses the parameters beyond the model's output"
-        for name in self._candidates(kind) if kind == "block" else ():
+        candidates = self._candidates(kind)
+        forward_mode = [n for n in candidates if n in FORWARD_MODE_BACKENDS]
+        if forward_mode and self._loss_holds_parameters(X, y):
+            for name in forward_mode:
+                timings[name] = "loss_fn uses the parameters beyond the model's output"
+        for name in candidates if kind == "block" else ():
             if name in BATCHED_BACKENDS and name not in timings:  # sized first: measuring
                 # builds graphs of its own
                 try:
@@ -423,7 +424,7 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
             self.backend = "double-backward"
             self._run("double-backward", X, y, weight, probes, out, batch, accumulate)
             return
-        alive = [n for n in self._candidates(kind) if n not in timings]
+        alive = [n for n in candidates if n not in timings]
 
         def warm(name: str) -> list[Tensor]:  # compile or capture
             if name == "graphed" and self.replay is None:
@@ -499,7 +500,7 @@ class HessianOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
                     accumulate,
                 )
         graph = self._batch_graph(X, y, weight, batch)  # after sizing, which builds its own
-        if not last or self._keeps_graph() or not graph.own:
+        if not self._frees(graph, last):
             return graph_hvp(graph.edges, graph.inputs, probes, name, chunk, out, accumulate)
         # its last use: freed as the last probe runs through it (a lower peak), then dropped
         res = graph_hvp(

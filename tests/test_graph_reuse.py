@@ -6,7 +6,9 @@ makes the kept graph stale must be noticed (the product then matches the *new* H
 
 from __future__ import annotations
 
+import gc
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -30,6 +32,20 @@ def _count_forwards(model: torch.nn.Module) -> list[int]:
     return calls
 
 
+def _track_activations(model: torch.nn.Module) -> list[weakref.ref]:
+    """Weak references to every module output of every forward pass from now on."""
+    refs: list[weakref.ref] = []
+    for m in model.modules():
+        m.register_forward_hook(lambda _m, _i, out: refs.append(weakref.ref(out)))
+    return refs
+
+
+def _alive(refs: list[weakref.ref]) -> int:
+    """How many of the tracked activations a graph (or anything else) still holds."""
+    gc.collect()
+    return sum(r() is not None for r in refs)
+
+
 def _operator(case, **kwargs):
     return ck.HessianOperator(
         case.model, case.loss_fn, case.data, backend="double-backward", **kwargs
@@ -44,13 +60,15 @@ def test_second_product_reuses_the_graph(spec):
     H = dense_hessian(case)
     op = _operator(case)
     calls = _count_forwards(case.model)
+    activations = _track_activations(case.model)
     V = _probes(H.shape[0], 3)
     assert rel_err(op @ V, H @ V) < TOL
-    assert calls[0] == 1
+    assert calls[0] == 1 and _alive(activations) > 0  # the graph holds them
     assert rel_err(op @ V[:, 0], H @ V[:, 0]) < TOL
     assert rel_err(op @ V[:, 1:], H @ V[:, 1:]) < TOL
     assert calls[0] == 1  # no forward pass after the first product
     op.clear_cache()
+    assert _alive(activations) == 0
     assert rel_err(op @ V[:, 2], H @ V[:, 2]) < TOL
     assert calls[0] == 2
 
@@ -59,10 +77,12 @@ def test_cache_graph_false_rebuilds_every_product():
     case = make_case("mlp-tanh", "mse-mean", [7])
     op = _operator(case, cache_graph=False)
     calls = _count_forwards(case.model)
+    activations = _track_activations(case.model)
     v = _probes(op.shape[0], 1)[:, 0]
     op @ v
     op @ v
     assert calls[0] == 2 and op._graph is None
+    assert len(activations) > 0 and _alive(activations) == 0  # nothing kept the graph
 
 
 def test_several_batches_never_keep_a_graph():
@@ -71,10 +91,11 @@ def test_several_batches_never_keep_a_graph():
     op = _operator(case)
     assert not op.cache_graph
     calls = _count_forwards(case.model)
+    activations = _track_activations(case.model)
     V = _probes(H.shape[0], 4)
     assert rel_err(op @ V, H @ V) < TOL
     assert calls[0] == 3  # one forward per batch, shared by all four probes
-    assert op._graph is None
+    assert op._graph is None and _alive(activations) == 0
 
 
 def _scale_first_weight_in_place(case):
@@ -136,10 +157,11 @@ def test_train_mode_batchnorm_does_not_keep_its_graph():
     H = dense_hessian(case)
     op = _operator(case)
     buffers = [b.clone() for b in case.model.buffers()]
+    activations = _track_activations(case.model)
     V = _probes(H.shape[0], 2)
     for _ in range(2):
         assert rel_err(op @ V, H @ V) < TOL
-    assert op._graph is None
+    assert op._graph is None and _alive(activations) == 0
     assert all(torch.equal(a, b) for a, b in zip(buffers, case.model.buffers()))
 
 

@@ -70,6 +70,7 @@ __all__ = [
     "check_compile_backend",
     "chunk_size_for",
     "chunked_into",
+    "flag_final",
     "differentiable_attention",
     "first_backward",
     "GradientGraph",
@@ -387,13 +388,27 @@ def batched_grad(
     if K == 0:
         res = [torch.zeros((0, *x.shape), dtype=x.dtype, device=x.device) for x in inputs]
         return write_into(res, out, accumulate)
-    left = [K]  # probes not yet run: the chunk that runs the last of them may free the graph
 
-    def chunk_product(chunk: list[Tensor]) -> list[Tensor]:
+    def chunk_product(chunk: list[Tensor], final: bool) -> list[Tensor]:
+        return _batched(outputs, inputs, chunk, retain_graph or not final)
+
+    probes = list(grad_outputs)
+    return chunked_into(flag_final(chunk_product, K), probes, chunk_size, out, accumulate)
+
+
+def flag_final(
+    compute: Callable[[list[Tensor], bool], list[Tensor]], K: int
+) -> Callable[[list[Tensor]], list[Tensor]]:
+    """``compute(chunk, final)`` as the one-argument function :func:`chunked_into` calls,
+    ``final`` being true for the chunk that holds the last of ``K`` probes (the pass that
+    may free a graph as it runs)."""
+    left = [K]
+
+    def one_chunk(chunk: list[Tensor]) -> list[Tensor]:
         left[0] -= chunk[0].shape[0]
-        return _batched(outputs, inputs, chunk, retain_graph or left[0] > 0)
+        return compute(chunk, left[0] == 0)
 
-    return chunked_into(chunk_product, list(grad_outputs), chunk_size, out, accumulate)
+    return one_chunk
 
 
 def graph_hvp(

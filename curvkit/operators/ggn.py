@@ -48,6 +48,7 @@ from curvkit.autodiff import (
     check_finite,
     chunked_into,
     differentiable_attention,
+    flag_final,
     graph_mark,
     reaches,
     write_into,
@@ -414,15 +415,13 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
 
         copy = out is None and name == "graphed"  # a replay overwrites its outputs
 
-        left = [probes[0].shape[0]]  # probes not yet run
-
-        def one_chunk(chunk_probes: list[Tensor]) -> list[Tensor]:
-            left[0] -= chunk_probes[0].shape[0]
-            final = last and left[0] == 0
-            res = self._batch_product(X, y, weight, chunk_probes, batch, effective(), final)
+        def one_chunk(chunk_probes: list[Tensor], final: bool) -> list[Tensor]:
+            backend = effective()
+            res = self._batch_product(X, y, weight, chunk_probes, batch, backend, last and final)
             return [r.clone() for r in res] if copy else res
 
-        return chunked_into(one_chunk, probes, chunk, out, accumulate)
+        K = probes[0].shape[0]
+        return chunked_into(flag_final(one_chunk, K), probes, chunk, out, accumulate)
 
     def _batch_matmat(
         self,

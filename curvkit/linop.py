@@ -316,6 +316,8 @@ class DenseOperator(LinearOperator):
 
 
 def _is_symmetric(matrix: Tensor) -> bool:
+    if matrix.numel() == 0:
+        return matrix.shape[0] == matrix.shape[1]
     tol = 1e-12 if matrix.dtype == torch.float64 else 1e-5
     scale = matrix.abs().max().clamp_min(torch.finfo(matrix.dtype).tiny)
     return bool(((matrix - matrix.T).abs().max() <= tol * scale).item())

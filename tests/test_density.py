@@ -62,13 +62,32 @@ def test_full_krylov_space_recovers_exact_spectrum():
     g = torch.Generator().manual_seed(0)
     U, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))
     A = (U * lam) @ U.T
+    op = Counting(A)
     res = ck.spectral_density(
-        A, num_probes=3, num_steps=20, generator=torch.Generator().manual_seed(0)
+        op, num_probes=3, num_steps=20, generator=torch.Generator().manual_seed(0)
     )
     # breakdown (repeated eigenvalue): padding carries no weight; every node is an eigenvalue
     mask = res.weights > 1e-12
     dist = (res.nodes[mask][:, None] - lam[None, :]).abs().min(-1).values
     assert float(dist.max()) < 1e-8
+    # the count says what was multiplied
+    assert op.columns == res.num_matvecs <= 3 * 5  # at most D = 5 steps a run
+
+
+def test_a_stopped_run_is_neither_multiplied_nor_counted():
+    """Runs stop at different steps; only running columns go through the operator."""
+    A = torch.diag(torch.tensor([1.0, 2.0, 3.0] + [0.0] * 37, dtype=torch.float64))
+    V0 = torch.zeros(40, 2, dtype=torch.float64)
+    V0[:2, 0] = 1.0  # spans two eigenvectors: stops after 2 steps
+    V0[:, 1] = 1.0  # four distinct eigenvalues: 4 steps
+    op = Counting(A)
+    alpha, beta, steps = ck.estimators.eigen.lanczos_tridiag(op, V0, 30)
+    assert steps.tolist() == [2, 4] and op.columns == 6
+    assert alpha[0, 2:].abs().max() == 0 and beta[0, 1:].abs().max() == 0
+    T = torch.diag(alpha[1, :4]) + torch.diag(beta[1, :3], 1) + torch.diag(beta[1, :3], -1)
+    torch.testing.assert_close(
+        torch.linalg.eigvalsh(T), torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=torch.float64)
+    )
 
 
 def test_custom_grid_sigma_and_errors():

@@ -123,6 +123,24 @@ def test_monte_carlo_diagonal_is_unbiased_with_honest_error() -> None:
     assert float(few.stderr.mean()) > float(d.stderr.mean())
 
 
+def test_monte_carlo_without_a_generator_draws_afresh_and_records_its_seed() -> None:
+    """Not from the global RNG (which the operator restores after each call, so every call
+    would draw the same 'random' samples), and reproducible from ``info["seed"]``."""
+    case = make_case("mlp-tanh", "mse-sum", [3, 5, 2])
+    G = ck.GGNOperator(case.model, case.loss_fn, case.data)
+    global_state = torch.get_rng_state()
+    first, second = (G.diagonal("mc", mc_samples=2) for _ in range(2))
+    assert not torch.equal(first.value, second.value)
+    assert torch.equal(torch.get_rng_state(), global_state)
+    replay = G.diagonal(
+        "mc", mc_samples=2, generator=torch.Generator().manual_seed(first.info["seed"])
+    )
+    assert torch.equal(replay.value, first.value)
+    seeded = G.diagonal("mc", mc_samples=2, generator=torch.Generator().manual_seed(0))
+    assert "seed" not in seeded.info  # the caller owns the generator
+    assert G.trace("mc", mc_samples=2).info["seed"] != first.info["seed"]
+
+
 def test_registry_entries() -> None:
     case = make_case("cnn", "ce-mean", [4, 2])
     G = ck.GGNOperator(case.model, case.loss_fn, case.data)

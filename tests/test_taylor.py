@@ -325,6 +325,25 @@ def test_hutchinson_collapses_groups_on_a_hessian():
     assert "group_size" not in ck.trace(dense, method="hutchinson", num_matvecs=32).info
 
 
+def test_hutchinson_keeps_its_default_group_after_the_trial():
+    """The same call twice gives the same error bar, whichever way the operator's timed
+    trial went in between (it decides after the first call's group was chosen)."""
+    case = make_case("mlp-tanh", "mse-sum", [3, 5, 2])
+    op = ck.HessianOperator(case.model, case.loss_fn, case.data)
+
+    def run(m=64):
+        g = torch.Generator().manual_seed(0)
+        return ck.trace(op, method="hutchinson", num_matvecs=m, generator=g)
+
+    first = run()
+    assert first.info["group_size"] > 1 and op.quadratic_form_choice is not None
+    op.quadratic_form_choice = "hvp"  # as the trial decides where v^T (A v) is faster
+    again = run()
+    assert again.info["group_size"] == first.info["group_size"] and again.dof == first.dof
+    assert torch.equal(again.stderr, first.stderr) and torch.equal(again.value, first.value)
+    assert run(32).info.get("group_size", 1) == 1  # a new m: settled afresh, now by v^T (A v)
+
+
 # ---------------------------------------------------------------------- Gauss-Newton
 def test_ggn_forms_by_the_linearised_model(case):
     from tests.test_ggn import dense_ggn

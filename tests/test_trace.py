@@ -32,6 +32,32 @@ def _gen(seed=0):
 STOCHASTIC = ["hutchinson", "hutch++", "xtrace", "xnystrace"]
 
 
+LEAVE_ONE_OUT = {
+    "xtrace": lambda A, g, dist: ck.trace(A, "xtrace", 20, g, distribution=dist),
+    "xnystrace": lambda A, g, dist: ck.trace(A, "xnystrace", 10, g, distribution=dist),
+    "xdiag": lambda A, g, dist: ck.diagonal(A, "xdiag", 20, g, distribution=dist),
+}
+
+
+@pytest.mark.parametrize("method", LEAVE_ONE_OUT)
+def test_dependent_rademacher_probes_raise_before_any_product(method):
+    """Ten sign vectors in ten dimensions are dependent 38% of the time (seed 0 draws such
+    a set); the leave-one-out formulas would then invert a singular factor."""
+    A, lam = family_matrix("poly1", 10)
+    op = CountingOperator(A, psd=True)
+    with pytest.raises(FloatingPointError, match="linearly dependent.*distribution='gaussian'"):
+        LEAVE_ONE_OUT[method](op, _gen(0), "rademacher")
+    assert op.columns == 0
+    est = LEAVE_ONE_OUT[method](op, _gen(0), "gaussian")
+    assert bool(torch.isfinite(est.value).all()) and bool(torch.isfinite(est.stderr).all())
+    truth = A.diagonal() if method == "xdiag" else lam.sum()
+    assert bool(((est.value - truth).abs() <= 5 * est.stderr + 1e-8).all())
+    independent = next(s for s in range(1, 50) if torch.linalg.matrix_rank(
+        ck.estimators.probes.sample_probes((10, 10), "rademacher", _gen(s), A.dtype, "cpu")
+    ) == 10)  # fmt: skip
+    assert torch.isfinite(LEAVE_ONE_OUT[method](op, _gen(independent), "rademacher").value).all()
+
+
 @pytest.mark.parametrize("method", STOCHASTIC)
 @pytest.mark.parametrize("budget", [12, 31, 48])
 def test_budget_is_respected_and_rounding_reported(method, budget):
@@ -83,6 +109,10 @@ def test_non_square_and_bad_budget():
         ck.trace(torch.eye(3), "hutchinson", 0)
     with pytest.raises(ValueError, match="needs num_matvecs >= 4"):
         ck.trace(torch.eye(30), "xtrace", 3)
+    empty = torch.zeros(0, 0)
+    for estimate in (ck.trace, ck.diagonal, ck.spectral_density):
+        with pytest.raises(ValueError, match="at least one row"):
+            estimate(empty)
 
 
 def test_registry_plugin():

@@ -25,6 +25,8 @@ def to_square_operator(A: LinearOperator | Tensor, what: str) -> LinearOperator:
     op = as_operator(A)
     if op.shape[0] != op.shape[1]:
         raise ValueError(f"{what} needs a square operator, got shape {op.shape}")
+    if op.shape[0] == 0:
+        raise ValueError(f"{what} needs an operator with at least one row, got shape (0, 0)")
     return op
 
 

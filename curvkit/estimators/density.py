@@ -23,11 +23,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from curvkit.estimators._common import mean_stderr
+from curvkit.estimators._common import mean_stderr, to_square_operator
 from curvkit.estimators.eigen import lanczos_tridiag
 from curvkit.estimators.estimate import Estimate
 from curvkit.estimators.probes import resolve_generator, sample_probes
-from curvkit.linop import LinearOperator, as_operator
+from curvkit.linop import LinearOperator
 
 __all__ = ["SpectralDensity", "spectral_density"]
 
@@ -92,8 +92,8 @@ def spectral_density(
     Returns:
         A :class:`SpectralDensity` ``(grid, density, nodes, weights, sigma, num_matvecs)``.
     """
-    op = as_operator(A)
-    if op.shape[0] != op.shape[1] or not op.is_symmetric:
+    op = to_square_operator(A, "spectral_density")
+    if not op.is_symmetric:
         raise ValueError(f"spectral_density needs a symmetric operator, got {op!r}")
     if num_probes < 1 or num_steps < 1:
         raise ValueError("num_probes and num_steps must be at least 1")

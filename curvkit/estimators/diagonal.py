@@ -61,7 +61,12 @@ from curvkit.estimators._common import (
     to_square_operator,
 )
 from curvkit.estimators.estimate import Estimate
-from curvkit.estimators.probes import canonical_distribution, resolve_generator, sample_probes
+from curvkit.estimators.probes import (
+    canonical_distribution,
+    resolve_generator,
+    sample_independent_probes,
+    sample_probes,
+)
 from curvkit.linop import LinearOperator
 
 __all__ = [
@@ -169,7 +174,7 @@ def xdiag(
     info: dict = {"distribution": dist, "num_probes": k}
     if 2 * k < m:
         info["unused_matvecs"] = m - 2 * k
-    W = sample_probes((R, D, k), dist, g, A.dtype, A.device)
+    W = sample_independent_probes((R, D, k), dist, g, A.dtype, A.device, "xdiag")
     Y = batched_matmat(A, W)
     Q, Rm = torch.linalg.qr(Y)
     Z = batched_matmat(A, Q, adjoint=not A.is_symmetric)  # A^T Q

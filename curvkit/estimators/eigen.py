@@ -192,7 +192,8 @@ def lanczos_tridiag(
         ``(alpha, beta, steps)``: ``alpha`` ``(P, num_steps)`` diagonals, ``beta``
         ``(P, num_steps - 1)`` off-diagonals of each run's tridiagonal matrix, and ``steps``
         ``(P,)`` the number of valid steps per run (a run stops early at an invariant
-        subspace; its later entries are zero).
+        subspace; its later entries are zero). ``steps.sum()`` is the number of columns
+        multiplied by ``op``: a stopped run costs nothing.
     """
     D, P = V0.shape
     num_steps = min(num_steps, D)
@@ -211,7 +212,13 @@ def lanczos_tridiag(
     for j in range(num_steps):
         if basis is not None:
             basis[j] = v
-        w = op.matmat(v)
+        if bool(active.all()):
+            w = op.matmat(v)
+        else:  # runs that stopped hold zero vectors: multiply only the others
+            idx = active.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            w = torch.zeros_like(v).index_copy_(1, idx, op.matmat(v[:, idx]))
         a = (v * w).sum(0)
         alpha[:, j] = torch.where(active, a, torch.zeros_like(a))
         steps += active.long()

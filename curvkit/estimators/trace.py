@@ -15,7 +15,10 @@ Methods (``TRACE_METHODS``), each counting its cost in matvecs (columns pushed t
     (``collapses_quadratic_forms``), the largest ``g`` dividing ``m`` that leaves at least
     ``MIN_GROUPS = 8`` groups, at most 16 and at most the operator's
     ``max_collapsed_group`` (what one pass holds within its memory budget), and 1
-    otherwise.
+    otherwise. An operator keeps the group it first settled on for ``m`` probes
+    (``default_group_sizes``): under ``"auto"`` its timed trial may later find ``v^T (A v)``
+    faster than Taylor mode, and the same call with the same seed still returns the same
+    estimate with the same standard error and degrees of freedom.
 ``"hutch++"``
     Meyer–Musco–Musco–Woodruff: ``k = m // 3`` sketch products, ``k`` products for
     ``A Q``, the remaining ``m - 2k`` as Hutchinson probes of the deflated
@@ -99,7 +102,12 @@ from curvkit.estimators._common import (
     unit_blocks,
 )
 from curvkit.estimators.estimate import Estimate
-from curvkit.estimators.probes import canonical_distribution, resolve_generator, sample_probes
+from curvkit.estimators.probes import (
+    canonical_distribution,
+    resolve_generator,
+    sample_independent_probes,
+    sample_probes,
+)
 from curvkit.linop import LinearOperator
 
 __all__ = [
@@ -176,11 +184,17 @@ MAX_DEFAULT_GROUP = 16
 def hutchinson_group_size(A: LinearOperator, m: int, group_size: int | None) -> int:
     """The probe group size of a Hutchinson run with ``m`` probes (see module docstring)."""
     if group_size is None:
-        if not getattr(A, "collapses_quadratic_forms", False):
-            return 1
-        largest = min(MAX_DEFAULT_GROUP, getattr(A, "max_collapsed_group", MAX_DEFAULT_GROUP))
-        fits = [g for g in range(1, largest + 1) if m % g == 0 and m // g >= MIN_GROUPS]
-        return max(fits, default=1)
+        settled = getattr(A, "default_group_sizes", None)
+        if settled is not None and m in settled:
+            return settled[m]
+        group = 1
+        if getattr(A, "collapses_quadratic_forms", False):
+            most = min(MAX_DEFAULT_GROUP, getattr(A, "max_collapsed_group", MAX_DEFAULT_GROUP))
+            fits = [g for g in range(1, most + 1) if m % g == 0 and m // g >= MIN_GROUPS]
+            group = max(fits, default=1)
+        if settled is not None:
+            settled[m] = group
+        return group
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
     if m % group_size:
@@ -276,7 +290,7 @@ def xtrace(
     info: dict = {"distribution": dist, "num_probes": k}
     if 2 * k < m:
         info["unused_matvecs"] = m - 2 * k
-    W = sample_probes((R, D, k), dist, g, A.dtype, A.device)
+    W = sample_independent_probes((R, D, k), dist, g, A.dtype, A.device, "xtrace")
     Y = batched_matmat(A, W)
     shift = _ill_conditioning_shift(Y, W)
     if shift is not None:
@@ -368,7 +382,7 @@ def xnystrace(
     info: dict = {"distribution": dist, "num_probes": k}
     if k < m:
         info["unused_matvecs"] = m - k
-    W = sample_probes((R, D, k), dist, g, A.dtype, A.device)
+    W = sample_independent_probes((R, D, k), dist, g, A.dtype, A.device, "xnystrace")
     Y = batched_matmat(A, W)
     eps = torch.finfo(A.dtype).eps
     nu = eps * Y.norm(dim=(-2, -1)) / D**0.5

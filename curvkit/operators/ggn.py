@@ -54,6 +54,7 @@ from curvkit.autodiff import (
     write_into,
 )
 from curvkit.estimators.estimate import Estimate, exact_estimate
+from curvkit.estimators.probes import resolve_generator
 from curvkit.linop import flatten_tensors
 from curvkit.operators.base import BLOCK_MEMORY_FACTOR, CurvatureOperator, preserved_state
 from curvkit.operators.graphed import GRAPHED_MARGIN, GraphedProducts
@@ -800,7 +801,7 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
         return total
 
     def _mc_factors(
-        self, factors: Tensor, signs: Tensor, mc_samples: int, generator: torch.Generator | None
+        self, factors: Tensor, signs: Tensor, mc_samples: int, generator: torch.Generator
     ) -> Tensor:
         if bool((signs < 0).any()):
             raise ValueError(
@@ -808,7 +809,7 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
                 "(positive semi-definite output Hessian); use the exact diagonal instead"
             )
         N, r = factors.shape[0], factors.shape[1]
-        z = torch.randint(0, 2, (N, mc_samples, r), generator=generator, device="cpu")
+        z = torch.randint(0, 2, (N, mc_samples, r), generator=generator, device=generator.device)
         z = (2 * z - 1).to(dtype=factors.dtype, device=factors.device)
         return torch.einsum("nsr,nr...->ns...", z, factors)  # (N, S, *O)
 
@@ -869,7 +870,8 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
                 or ``"backpack"`` (BackPACK ``DiagGGNExact``/``DiagGGNMC`` on a deep copy of
                 the model; supported layers only).
             mc_samples: Monte-Carlo samples per data point (``"mc"`` and ``"backpack"``-MC).
-            generator: random source of the Monte-Carlo probes.
+            generator: random source of the Monte-Carlo probes (``None``: a fresh one,
+                its seed in ``info["seed"]``).
             path: ``"auto"``, ``"vmap"`` (per-sample VJPs) or ``"autograd"`` (batched VJPs on
                 the whole batch; used automatically for train-mode BatchNorm).
 
@@ -897,7 +899,8 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
         if method == "mc":
             if mc_samples < 1:
                 raise ValueError("mc_samples must be at least 1")
-            totals, used, cost, rank = self._diagonal_pass(mc_samples, generator, path)
+            g, seed = resolve_generator(generator)
+            totals, used, cost, rank = self._diagonal_pass(mc_samples, g, path)
             reps = torch.stack([flatten_tensors(t) for t in totals])  # (S, D)
             value = reps.mean(0)
             check_finite(value, "the Monte-Carlo GGN diagonal")
@@ -919,6 +922,7 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
                     "mc_samples": mc_samples,
                     "factor_rank": rank,
                     "replicate_traces": reps.sum(1),
+                    **({} if seed is None else {"seed": seed}),
                 },
             )
         if method == "backpack":

@@ -82,6 +82,7 @@ __all__ = [
     "graph_hvp",
     "grad_into",
     "gradient",
+    "functional_model",
     "write_into",
     "second_backward",
 ]
@@ -668,6 +669,35 @@ def first_backward(
     return GradientGraph(edges, list(params), own)
 
 
+def functional_model(model: nn.Module) -> Callable[[dict[str, Tensor], tuple], Any]:
+    """``call(tensors, args)``: ``torch.func.functional_call(model, tensors, args)``, the
+    model's own tensors back in place afterwards.
+
+    Where a module object is registered under two names (``self.b = self.a``, weight
+    sharing by module reuse), PyTorch swaps and restores each name in turn: the second
+    restore puts back the swapped-in tensor, and the model is left without its parameters
+    (torch 2.14). There every module's parameter and buffer entries are saved and put back.
+    Decided once, here, so that a compiled caller traces a plain ``functional_call``.
+    """
+    from torch.func import functional_call
+
+    named = sum(1 for _ in model.named_modules(remove_duplicate=False))
+    if named == sum(1 for _ in model.modules()):
+        return lambda tensors, args: functional_call(model, tensors, args)
+
+    def call(tensors: dict[str, Tensor], args: tuple) -> Any:
+        saved = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+        try:
+            return functional_call(model, tensors, args)
+        finally:
+            for m, params, buffers in saved:
+                for entries, kept in ((m._parameters, params), (m._buffers, buffers)):
+                    entries.clear()
+                    entries.update(kept)
+
+    return call
+
+
 def _detached_state(model: nn.Module, params: Sequence[Tensor], param_names: Sequence[str]):
     # Buffers are passed as copies so train-mode BatchNorm's in-place running-stat update
     # touches neither the model nor a tensor captured by a transform.
@@ -689,13 +719,14 @@ def _jvp_grad_chunk(
     docstring). Only ``model``, ``loss_fn`` and the names are captured, so under
     ``torch.compile`` every tensor is an input of the compiled graph.
     """
-    from torch.func import functional_call, grad, jvp, vmap
+    from torch.func import grad, jvp, vmap
 
     names = tuple(param_names)
+    call = functional_model(model)
 
     def hvp_chunk(primals, state, X, y, weight, tangents):
         def loss_of(ps, target):
-            out = functional_call(model, {**dict(zip(names, ps)), **state}, (X,))
+            out = call({**dict(zip(names, ps)), **state}, (X,))
             return weight * loss_fn(out, target)
 
         grad_fn = grad(loss_of)
@@ -836,7 +867,7 @@ class CompiledHVP:
 
 def _forward_ad(model, loss_fn, X, y, weight, params, param_names):
     """A function of one probe ``(1, *param.shape)`` returning its product."""
-    from torch.func import functional_call
+    call = functional_model(model)
 
     buffers, primals = _detached_state(model, params, param_names)
     checked = [False]
@@ -847,7 +878,7 @@ def _forward_ad(model, loss_fn, X, y, weight, params, param_names):
             target = y
             if isinstance(y, Tensor) and y.is_floating_point():
                 target = fwAD.make_dual(y, torch.zeros_like(y))
-            out = functional_call(model, {**dict(zip(param_names, duals)), **buffers}, (X,))
+            out = call({**dict(zip(param_names, duals)), **buffers}, (X,))
             loss = weight * loss_fn(out, target)
             if not checked[0]:
                 check_finite(fwAD.unpack_dual(loss).primal.detach(), "the loss")

@@ -376,3 +376,74 @@ def test_affine_batchnorm_swaps_only_eval_layers_with_statistics_and_restores():
         assert "forward" not in model[1].__dict__  # train mode: left alone
         raise RuntimeError("boom")
     assert all("forward" not in m.__dict__ for m in model)
+
+
+class _ReusedLinear(torch.nn.Module):
+    """One ``Linear`` registered under two names (weight sharing by module reuse)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(3, 3)
+        self.b = self.a
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _reused_linear_oracle(X, y, W, b):
+    """Dense Hessian and GGN of the same loss written out by hand, over (W, b) flattened."""
+
+    def out_of(theta):
+        W_, b_ = theta[:9].reshape(3, 3), theta[9:]
+        return torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(X, W_, b_)), W_, b_)
+
+    theta = torch.cat([W.detach().flatten(), b.detach()])
+    H = torch.autograd.functional.hessian(lambda t: ((out_of(t) - y) ** 2).mean(), theta)
+    J = torch.autograd.functional.jacobian(out_of, theta).reshape(-1, theta.numel())
+    return H, J.T @ J * (2.0 / y.numel())
+
+
+@pytest.mark.parametrize(
+    "product",
+    [
+        *[("hessian", b) for b in ("auto", *EAGER_BACKENDS)],
+        *[("ggn", b) for b in ("auto", "double-vjp", "forward", "taylor-jvp")],
+        ("hessian", "taylor forms"),
+        ("ggn", "exact diagonal"),
+    ],
+    ids=str,
+)
+def test_a_module_used_twice_keeps_its_parameters(product):
+    """PyTorch's functional_call puts a swapped-in tensor back into a module registered
+    under two names; every route through it must leave the model's parameters in place
+    (and give the oracle's numbers)."""
+    torch.manual_seed(0)
+    model = _ReusedLinear().double()
+    X, y = torch.randn(12, 3, dtype=torch.float64), torch.randn(12, 3, dtype=torch.float64)
+    weight, bias = model.a.weight, model.a.bias
+    H, G = _reused_linear_oracle(X, y, weight, bias)
+    V = _probes(12, 3)
+    kind, how = product
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if how == "taylor forms":
+            op = ck.HessianOperator(
+                model, torch.nn.MSELoss(), (X, y), quadratic_form_method="taylor"
+            )
+        elif kind == "hessian":
+            op = ck.HessianOperator(model, torch.nn.MSELoss(), (X, y), backend=how)
+        else:
+            backend = "auto" if how == "exact diagonal" else how
+            op = ck.GGNOperator(model, torch.nn.MSELoss(), (X, y), backend=backend)
+        oracle = H if kind == "hessian" else G
+        if how == "taylor forms":
+            assert rel_err(op.quadratic_form(V), (V * (oracle @ V)).sum(0)) < TOL
+        elif how == "exact diagonal":
+            assert rel_err(op.diagonal("exact").value, oracle.diagonal()) < TOL
+        else:
+            for _ in range(2):
+                assert rel_err(op @ V, oracle @ V) < TOL
+                assert rel_err(op @ V[:, 0], oracle @ V[:, 0]) < TOL
+    assert model.a.weight is weight and model.b.bias is bias
+    assert isinstance(model.a._parameters["weight"], torch.nn.Parameter)
+    assert [n for n, _ in model.named_parameters()] == ["a.weight", "a.bias"]

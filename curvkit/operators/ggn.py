@@ -49,6 +49,7 @@ from curvkit.autodiff import (
     chunked_into,
     differentiable_attention,
     flag_final,
+    functional_model,
     graph_mark,
     reaches,
     write_into,
@@ -703,13 +704,14 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
 
     def _forward_jvp(self, X, probes: list[Tensor]) -> Tensor:
         """``J V`` by ``torch.func.jvp`` vmapped over the probes."""
-        from torch.func import functional_call, jvp, vmap
+        from torch.func import jvp, vmap
 
         buffers = {n: b.clone() for n, b in self.model.named_buffers()}
         primals = tuple(p.detach() for p in self.params)
+        call = functional_model(self.model)
 
         def f(*ps):
-            return functional_call(self.model, {**dict(zip(self.param_names, ps)), **buffers}, (X,))
+            return call({**dict(zip(self.param_names, ps)), **buffers}, (X,))
 
         def jvp_one(*tangents):
             return jvp(f, primals, tangents)[1]
@@ -752,16 +754,17 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
         return max(1, self.memory_budget // max(per, 1))
 
     def _diag_vmap(self, X, factors: Tensor, signs: Tensor) -> list[Tensor]:
-        from torch.func import functional_call, vjp, vmap
+        from torch.func import vjp, vmap
 
         buffers = {n: b.clone() for n, b in self.model.named_buffers()}
         primals = tuple(p.detach() for p in self.params)
         names = self.param_names
+        call = functional_model(self.model)
 
         def one_sample(x_n, S_n, s_n):
             def f(*ps):
                 x1 = tree_map(lambda t: t.unsqueeze(0), x_n)
-                out = functional_call(self.model, {**dict(zip(names, ps)), **buffers}, (x1,))
+                out = call({**dict(zip(names, ps)), **buffers}, (x1,))
                 return out.squeeze(0)
 
             _, vjp_fn = vjp(f, *primals)

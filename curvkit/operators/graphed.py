@@ -9,10 +9,9 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from torch import Tensor
-from torch.func import functional_call
 
 from curvkit import cuda_graphs
-from curvkit.autodiff import chunked_into
+from curvkit.autodiff import chunked_into, functional_model
 from curvkit.operators.trials import failure_reason
 
 #: ``"graphed"`` must beat the fastest eager candidate by this factor to be chosen by a
@@ -110,7 +109,8 @@ class GraphedProducts:
                 )
         leaves = [p.detach().requires_grad_() for p in self.params]
         named = dict(zip(self.param_names, leaves))
-        return leaves, lambda X: functional_call(self.model, named, (X,))
+        call = functional_model(self.model)
+        return leaves, lambda X: call(named, (X,))
 
     def _stop_aliasing(self) -> tuple[list[Tensor], Callable[[Any], Any]]:
         """Build against the parameters from now on (the model bypassed the leaves)."""

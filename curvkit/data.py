@@ -1,8 +1,12 @@
 """Batches for curvature operators: one ``(X, y)`` pair or any re-iterable of pairs.
 
 The operator over several batches must equal the one over their concatenation. For a
-mean-reduced loss that means weighting batch ``b`` by ``N_b / N`` (``N_b`` its number of
-samples, the first dimension of ``y``); for a sum-reduced loss every weight is 1.
+mean-reduced loss that means weighting batch ``b`` by its share of what the loss over all
+the data divides by: ``N_b / N`` (``N_b`` its number of samples, the first dimension of
+``y``) for a loss that divides by the number of samples (times a constant); for
+``CrossEntropyLoss`` and ``NLLLoss`` on class indices, the batch's share of the targets they
+count, where ignored targets (``ignore_index``, e.g. padding) or class weights make that
+differ from sample to sample. For a sum-reduced loss every weight is 1.
 """
 
 from __future__ import annotations
@@ -12,18 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = ["Batches", "batch_size_of", "loss_reduction"]
 
 
 def _is_single_batch(data: Any) -> bool:
-    return (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and isinstance(data[1], Tensor)
-        and not isinstance(data[0], (tuple, list))
-    )
+    # (X, y) with X a tensor, tuple or dict; a list of batches has a batch, not a tensor, second
+    return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)
 
 
 def batch_size_of(y: Tensor) -> int:
@@ -37,8 +37,16 @@ def batch_size_of(y: Tensor) -> int:
 
 
 def loss_reduction(loss_fn: Any, reduction: str | None) -> str:
-    """The loss's reduction, ``"mean"`` or ``"sum"``: the argument, else ``loss_fn.reduction``."""
-    found = reduction if reduction is not None else getattr(loss_fn, "reduction", None)
+    """The loss's reduction, ``"mean"`` or ``"sum"``: ``loss_fn.reduction``, else the
+    argument (which must agree with the loss where the loss has one)."""
+    own = getattr(loss_fn, "reduction", None)
+    if reduction is not None and own is not None and reduction != own:
+        raise ValueError(
+            f"reduction={reduction!r} contradicts loss_fn.reduction={own!r}; the operator "
+            "differentiates the loss as it is: drop the reduction argument, or build the loss "
+            f"with reduction={reduction!r}"
+        )
+    found = reduction if reduction is not None else own
     if found is None:
         raise ValueError(
             "cannot tell how the loss reduces over samples: loss_fn has no `reduction` "
@@ -52,6 +60,22 @@ def loss_reduction(loss_fn: Any, reduction: str | None) -> str:
     return found
 
 
+def counted_targets(loss_fn: Any, y: Tensor) -> Tensor | None:
+    """What a mean-reduced ``CrossEntropyLoss``/``NLLLoss`` on class indices ``y`` divides
+    by, per sample ``(N,)``: its targets that are not ``ignore_index``, each counted with its
+    class weight. ``None`` for other losses and targets (they divide by the number of
+    samples times a constant)."""
+    if not isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) or y.is_floating_point():
+        return None
+    kept = y != loss_fn.ignore_index
+    if loss_fn.weight is None:
+        counts = kept.to(torch.float64)
+    else:
+        w = loss_fn.weight.to(device=y.device, dtype=torch.float64)
+        counts = torch.where(kept, w[torch.where(kept, y, 0)], 0.0)
+    return counts.reshape(y.shape[0], -1).sum(1)
+
+
 @dataclass
 class Batches:
     """A re-iterable view of the data, with each batch's weight in the total loss.
@@ -61,12 +85,19 @@ class Batches:
             once (a list, a ``DataLoader``). A one-shot iterator (a generator) is rejected:
             every product has to see the same data again.
         reduction: ``"mean"`` or ``"sum"``.
+        loss_fn: the loss, to tell what its mean divides by (see the module docstring).
     """
 
     data: Any
     reduction: str
+    loss_fn: Any = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.data, (tuple, list)) and len(self.data) == 2 and self.data[1] is None:
+            raise ValueError(
+                "the batch's targets y are None: curvature operators differentiate "
+                "loss_fn(model(X), y) and need a tensor of targets"
+            )
         if _is_single_batch(self.data):
             self._source: Iterable = [tuple(self.data)]
         elif isinstance(self.data, Iterator):
@@ -81,12 +112,24 @@ class Batches:
                 "data must be one (X, y) batch or an iterable of (X, y) batches, "
                 f"got {type(self.data).__name__}"
             )
-        self.sizes = [batch_size_of(self._unpack(b)[1]) for b in self._source]
+        with torch.random.fork_rng(devices=[]):  # a shuffling DataLoader draws from it
+            targets = [self._unpack(b)[1] for b in self._source]
+        self.sizes = [batch_size_of(y) for y in targets]
         if not self.sizes:
             raise ValueError("data is empty: the operator needs at least one (X, y) batch")
         self.num_samples = sum(self.sizes)
         if self.num_samples == 0:
             raise ValueError("data holds no samples (all batches have size 0)")
+        # weights by counted targets only where samples count differently (a sync per batch)
+        self.total_count: float | None = None
+        if self.reduction == "mean" and len(self.sizes) > 1:
+            counts = [counted_targets(self.loss_fn, y) for y in targets]
+            if all(c is not None for c in counts):
+                per_sample = torch.cat([c.cpu() for c in counts])
+                if bool((per_sample != per_sample[0]).any()):
+                    self.total_count = float(per_sample.sum())
+        if self.total_count == 0:
+            raise ValueError("every target is ignored (ignore_index): the loss is undefined")
 
     @staticmethod
     def _unpack(batch: Any) -> tuple[Any, Tensor]:
@@ -98,7 +141,10 @@ class Batches:
         return batch[0], batch[1]
 
     def first(self) -> tuple[Any, Tensor]:
-        return self._unpack(next(iter(self._source)))
+        """The first batch; the global RNG (which a shuffling DataLoader draws from) is left
+        as it was."""
+        with torch.random.fork_rng(devices=[]):
+            return self._unpack(next(iter(self._source)))
 
     def __iter__(self) -> Iterator[tuple[Any, Tensor, float]]:
         """Yield ``(X, y, weight)``; weights sum to 1 for ``mean`` reduction."""
@@ -106,8 +152,14 @@ class Batches:
         for batch in self._source:
             X, y = self._unpack(batch)
             n = batch_size_of(y)
-            weight = n / self.num_samples if self.reduction == "mean" else 1.0
             count += n
+            if self.total_count is not None:
+                share = float(counted_targets(self.loss_fn, y).sum())
+                if share == 0:
+                    continue  # all its targets ignored: the batch adds nothing (its loss is 0/0)
+                yield X, y, share / self.total_count
+                continue
+            weight = n / self.num_samples if self.reduction == "mean" else 1.0
             yield X, y, weight
         if count != self.num_samples:
             raise RuntimeError(

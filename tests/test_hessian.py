@@ -191,3 +191,38 @@ def test_k_probes_share_one_forward_pass_per_batch():
     finally:
         handle.remove()
     assert len(calls) == len(case.batches)
+
+
+def _counted_targets_data(ignore_index: int):
+    """Class targets, three of them ignored (as padding is); the first batch below holds
+    only ignored ones."""
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (9,), generator=g)
+    y[[0, 1, 4]] = ignore_index
+    return X, y
+
+
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        torch.nn.CrossEntropyLoss(),
+        torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 5.0, 0.2], dtype=torch.float64)),
+        torch.nn.CrossEntropyLoss(ignore_index=2, label_smoothing=0.1),
+    ],
+    ids=["ignored targets", "class weights", "ignore_index=2, smoothing"],
+)
+@pytest.mark.parametrize("operator", ["hessian", "ggn"])
+def test_mean_losses_weight_batches_by_the_targets_they_count(loss_fn, operator):
+    """Several batches give the operator of the loss over all the data, also where the mean
+    divides by weighted or unignored targets rather than by samples (one batch holds only
+    ignored targets, and adds nothing)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+    ).double()
+    X, y = _counted_targets_data(loss_fn.ignore_index)
+    build = ck.HessianOperator if operator == "hessian" else ck.GGNOperator
+    whole = build(model, loss_fn, (X, y)).to_dense()
+    split = [(X[:2], y[:2]), (X[2:6], y[2:6]), (X[6:], y[6:])]
+    assert rel_err(build(model, loss_fn, split).to_dense(), whole) < 1e-12

@@ -101,3 +101,71 @@ def test_loss_without_reduction(setup):
 def test_unknown_backend(setup):
     with pytest.raises(ValueError, match="unknown backend"):
         ck.HessianOperator(*setup, backend="magic")
+
+
+def test_a_reduction_that_contradicts_the_loss_is_refused(setup):
+    model, loss, data = setup
+    with pytest.raises(ValueError, match="reduction='sum' contradicts loss_fn.reduction='mean'"):
+        ck.HessianOperator(model, loss, data, reduction="sum")
+    agreeing = ck.HessianOperator(model, loss, data, reduction="mean")
+    torch.testing.assert_close(agreeing.row_sum(), ck.HessianOperator(model, loss, data).row_sum())
+
+
+def test_one_batch_with_tuple_inputs_and_missing_targets(setup):
+    _, loss, (X, y) = setup
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, inputs):
+            a, b = inputs
+            return self.lin(a) + torch.tanh(self.lin(b))
+
+    torch.manual_seed(0)
+    model = TwoInputs()
+    one = ck.HessianOperator(model, loss, ((X, 2 * X), y))
+    wrapped = ck.HessianOperator(model, loss, [((X, 2 * X), y)])
+    assert len(one.batches) == 1
+    torch.testing.assert_close(one.to_dense(), wrapped.to_dense())
+    with pytest.raises(ValueError, match="targets y are None"):
+        ck.HessianOperator(model, loss, (X, None))
+
+
+@pytest.mark.parametrize("container", ["dict", "nested"])
+def test_determinism_check_on_structured_outputs(setup, container):
+    _, _, (X, y) = setup
+
+    class Structured(nn.Module):
+        def __init__(self, dropout: float):
+            super().__init__()
+            self.lin, self.drop = nn.Linear(3, 2), nn.Dropout(dropout)
+
+        def forward(self, x):
+            out = self.drop(self.lin(x))
+            return {"logits": out, "name": "head"} if container == "dict" else ((out,), [out])
+
+    def loss(out, target):
+        pred = out["logits"] if container == "dict" else out[0][0]
+        return ((pred - target) ** 2).mean()
+
+    H = ck.HessianOperator(Structured(0.0), loss, (X, y), reduction="mean")
+    assert torch.isfinite(H.row_sum()).all()
+    with pytest.raises(RuntimeError, match="changed between two identical forward passes"):
+        ck.HessianOperator(Structured(0.5), loss, (X, y), reduction="mean")
+
+
+def test_building_over_a_shuffling_loader_leaves_the_global_rng(setup):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, loss, (X, y) = setup
+    loader = DataLoader(TensorDataset(X, y), batch_size=2, shuffle=True)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    H = ck.HessianOperator(model, loss, loader)
+    assert torch.equal(torch.rand(3), expected)
+    torch.manual_seed(0)
+    H @ torch.ones(H.shape[0])
+    assert torch.equal(torch.rand(3), expected)

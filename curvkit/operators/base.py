@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.utils._pytree import tree_flatten
 
 from curvkit.autodiff import check_finite, chunk_size_for
 from curvkit.cpu_memory import reuse_freed_memory
@@ -218,7 +219,7 @@ class CurvatureOperator(LinearOperator):
                 f"all params must share one dtype and device, got {dtypes} and {devices}"
             )
         self.reduction = loss_reduction(loss_fn, reduction)
-        self.batches = Batches(data, self.reduction)
+        self.batches = Batches(data, self.reduction, loss_fn)
         dim = sum(p.numel() for p in self.params)
         super().__init__(
             (dim, dim),
@@ -414,10 +415,10 @@ class CurvatureOperator(LinearOperator):
         with preserved_state(self.model, self.device), torch.no_grad():
             first = self.model(X)
             second = self.model(X)
-        same = (
-            torch.equal(first, second)
-            if isinstance(first, Tensor)
-            else all(torch.equal(a, b) for a, b in zip(first, second))
+        leaves, spec = tree_flatten(first)
+        again, spec_again = tree_flatten(second)
+        same = spec == spec_again and all(
+            torch.equal(a, b) if isinstance(a, Tensor) else a == b for a, b in zip(leaves, again)
         )
         if not same:
             raise RuntimeError(

@@ -4,6 +4,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+
+_default_show_warning = warnings.showwarning
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return value
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -31,10 +44,16 @@ def _build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--no-figures", action="store_true", help="skip the figures at the end")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
     sweep.add_argument(
-        "--max-points", type=int, default=None, help="stop after computing this many points"
+        "--max-points",
+        type=_non_negative_int,
+        default=None,
+        help="stop after computing this many points (>= 0)",
     )
     sweep.add_argument(
-        "--check", action="store_true", help="validate the config and print the grid size only"
+        "--check",
+        action="store_true",
+        help="run every check of a sweep (config, data, models, resumability of the output "
+        "folder) and print the grid size; computes and writes nothing",
     )
 
     figures = sub.add_parser(
@@ -42,6 +61,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     figures.add_argument("results", help="results folder written by `curvkit sweep`")
     figures.add_argument("--out", help="figure folder (default: RESULTS/figures)")
+    figures.add_argument(
+        "--all-points",
+        action="store_true",
+        help="draw every finished point under RESULTS/points, also those outside the grid of "
+        "RESULTS/config.toml (the config of the last sweep there; used by default)",
+    )
     return parser
 
 
@@ -65,18 +90,14 @@ def _sweep(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(_resolve_config(args.config))
         if args.check:
-            from curvkit.datasets import load_dataset
-            from curvkit.experiments.runner import expand_grid, parse_shard, shard_points
+            from curvkit.experiments.runner import plan_sweep
 
-            data = load_dataset(
-                cfg.data["name"],
-                seed=cfg.data.get("seed", 0),
-                **{k: v for k, v in cfg.data.items() if k not in ("name", "seed")},
-            )
-            points = expand_grid(cfg, data.num_train)
-            mine = shard_points(points, parse_shard(args.shard))
+            # the same checks as a real run (data, models, resumability), nothing written
+            plan = plan_sweep(cfg, output=args.output, shard=args.shard)
+            done = len(plan.mine) - len(plan.pending)
             print(
-                f"{cfg.name}: {len(points)} grid points ({len(mine)} in this shard), "
+                f"{cfg.name}: {len(plan.points)} grid points ({len(plan.mine)} in this shard, "
+                f"{done} of them already finished in {plan.root}), "
                 f"quantities: {', '.join(cfg.quantities)}"
             )
             return 0
@@ -93,12 +114,24 @@ def _sweep(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"curvkit sweep: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "\ncurvkit sweep: interrupted; finished points are kept, rerun the same command "
+            "to resume",
+            file=sys.stderr,
+        )
+        return 130
     print(
         f"{result.output}: {result.computed} point(s) computed, {result.skipped} already done "
         f"({result.shard_points} in this shard of {result.total_points}) in "
         f"{result.seconds:.0f} s; {len(result.figures)} figure file(s) in "
         f"{result.output / 'figures'}"
     )
+    if result.left_out:
+        print(
+            f"{result.left_out} finished point(s) in {result.output / 'points'} are not in "
+            "this config's grid: kept on disk, left out of the tables and figures"
+        )
     return 0
 
 
@@ -106,7 +139,7 @@ def _figures(args: argparse.Namespace) -> int:
     from curvkit.experiments.figures import make_figures
 
     try:
-        written = make_figures(args.results, out=args.out)
+        written = make_figures(args.results, out=args.out, all_points=args.all_points)
     except FileNotFoundError as err:
         print(f"curvkit figures: error: {err}", file=sys.stderr)
         return 2
@@ -115,7 +148,23 @@ def _figures(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """curvkit's own warnings as one plain line; others as Python prints them."""
+    from pathlib import Path
+
+    if Path(__file__).resolve().parent in Path(filename).resolve().parents:
+        print(f"curvkit: warning: {message}", file=sys.stderr if file is None else file)
+    else:
+        _default_show_warning(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":

@@ -43,6 +43,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +182,31 @@ def _int_list(value: Any, key: str, source: Path | None, allow_full: bool = Fals
     return out
 
 
+def _check_dataset_option_types(name: str, options: dict[str, Any]) -> None:
+    """Each dataset option must have the type of the dataset function's default."""
+    import inspect
+
+    from curvkit.datasets import DATASETS
+
+    params = inspect.signature(DATASETS[name]).parameters
+    for key, value in options.items():
+        param = params[key]
+        default = param.default
+        if isinstance(default, bool):
+            ok, what = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, what = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            what = "a number"
+        elif isinstance(default, str) or (default is None and "str" in str(param.annotation)):
+            ok, what = isinstance(value, str), "a string"
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"dataset {name!r}: option {key} must be {what}, got {value!r}")
+
+
 def _model_label(name: str, knobs: dict[str, Any]) -> str:
     if not knobs:
         return name
@@ -234,11 +260,14 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> SweepConfig
         raise _fail('a [data] table with a `name` is required, e.g. name = "digits"', source)
     data = dict(data)
     try:
-        check_dataset_spec(
-            data["name"], {k: v for k, v in data.items() if k not in ("name", "seed")}
-        )
+        options = {k: v for k, v in data.items() if k not in ("name", "seed")}
+        check_dataset_spec(data["name"], options)
+        _check_dataset_option_types(data["name"], options)
     except ValueError as err:
         raise _fail(f"[data]: {err}", source) from None
+    seed = data.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise _fail(f"data.seed must be a non-negative integer, got {seed!r}", source)
 
     # ---------------------------------------------------------------- models
     models_raw = raw.get("models")
@@ -315,9 +344,12 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> SweepConfig
                 source,
             )
     options = {}
+    architectures = list(dict.fromkeys(m.name for m in models))
     for q in QUANTITIES:
         try:
-            options[q] = check_quantity_options(q, q_raw.get(q, {}), grid, labels)
+            options[q] = check_quantity_options(
+                q, q_raw.get(q, {}), grid, labels, architectures, measured=q in measure
+            )
         except ValueError as err:
             raise _fail(f"[quantities.{q}]: {err}", source) from None
     # keep the registry's order, whatever order the config lists them in
@@ -340,6 +372,60 @@ def parse_config(raw: dict[str, Any], source: Path | None = None) -> SweepConfig
         source=source,
         raw=raw,
     )
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = (f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + ", ".join(items) + " }"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def _toml_table(table: dict[str, Any], path: tuple[str, ...]) -> list[str]:
+    lines: list[str] = []
+    tables, arrays = [], []
+    for key, value in table.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            arrays.append((key, value))
+        else:
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    for key, value in tables:
+        header = ".".join(_toml_key(k) for k in (*path, key))
+        lines += ["", f"[{header}]", *_toml_table(value, (*path, key))]
+    for key, items in arrays:
+        header = ".".join(_toml_key(k) for k in (*path, key))
+        for item in items:  # nested tables of an array item are written inline
+            lines += ["", f"[[{header}]]"]
+            lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in item.items()]
+    return lines
+
+
+def config_toml(cfg: SweepConfig) -> str | None:
+    """The config as TOML text that reads back to the same settings (``None`` if it can't).
+
+    Used to record a config given as a dictionary in its results folder's ``config.toml``.
+    """
+    raw = dict(cfg.raw, name=cfg.name)
+    try:
+        text = "\n".join(_toml_table(raw, ())).strip() + "\n"
+        back = tomllib.loads(text)
+    except (TypeError, ValueError):
+        return None
+    return text if back == raw else None
 
 
 def load_config(path: str | Path) -> SweepConfig:

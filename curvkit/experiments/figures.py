@@ -28,6 +28,7 @@ by ``curvkit figures`` and at the end of every sweep.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -427,23 +428,90 @@ def fig_product_cost(tables: Tables) -> Figure | None:
 
 
 # ---------------------------------------------------------------------- driver
+#: Columns a figure plots, per table: rows where one is NaN or infinite are left out.
+FINITE_COLUMNS = {
+    "measurements": ("value",),
+    "eigenvalues": ("value",),
+    "density": ("grid", "density"),
+    "estimator_error": ("cost", "rel_error"),
+}
+
+
+def _finite(tables: Tables) -> Tables:
+    """``tables`` without rows whose plotted numbers are not finite (with a warning)."""
+    out = dict(tables)
+    for name, columns in FINITE_COLUMNS.items():
+        df = tables.get(name)
+        if df is None or df.empty or not set(columns) <= set(df.columns):
+            continue
+        values = df[list(columns)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+        ok = np.isfinite(values).all(axis=1)
+        if not ok.all():
+            bad = df[~ok]
+            what = f" (e.g. {bad['quantity'].iloc[0]})" if "quantity" in bad else ""
+            warnings.warn(
+                f"{int((~ok).sum())} row(s) of {name} hold non-finite values{what}, e.g. at "
+                f"{bad['point_id'].iloc[0] if 'point_id' in bad else '?'}; the figures leave "
+                "them out",
+                stacklevel=3,
+            )
+            df = df[ok]
+        if "stderr" in df:
+            stderr = pd.to_numeric(df["stderr"], errors="coerce")
+            if not np.isfinite(stderr.fillna(0).to_numpy(dtype=float)).all():
+                df = df.assign(stderr=stderr.where(np.isfinite(stderr)))
+        out[name] = df
+    return out
+
+
 def make_figures(
-    results: str | Path, out: str | Path | None = None, formats: tuple[str, ...] = ("pdf", "png")
+    results: str | Path,
+    out: str | Path | None = None,
+    formats: tuple[str, ...] = ("pdf", "png"),
+    *,
+    tables: Tables | None = None,
+    all_points: bool = False,
 ) -> list[Path]:
-    """Draw every registered figure whose data is present; return the written files."""
+    """Draw every registered figure whose data is present; return the written files.
+
+    Args:
+        results: a results folder written by ``curvkit sweep``.
+        out: figure folder (default: ``results/figures``).
+        formats: file formats to write.
+        tables: the tables to draw (default: :func:`load_tables` of ``results``, i.e. the
+            grid of its ``config.toml``, or every finished point with ``all_points``).
+        all_points: draw every finished point, also those outside the folder's config grid.
+
+    Rows with non-finite plotted values are left out (with a warning); a figure that still
+    fails is skipped with a warning, and the others are drawn.
+    """
     results = Path(results)
-    tables = load_tables(results)
+    if tables is None:
+        tables = load_tables(results, all_points=all_points)
+    tables = _finite(tables)
     out = Path(out) if out is not None else results / "figures"
     out.mkdir(parents=True, exist_ok=True)
     written = []
     with plt.rc_context(STYLE):
         for name, fn in FIGURES.items():
-            fig = fn(tables)
-            if fig is None:
+            fig = None
+            try:
+                fig = fn(tables)
+                if fig is None:
+                    continue
+                paths = []
+                for fmt in formats:
+                    path = out / f"{name}.{fmt}"
+                    fig.savefig(path)
+                    paths.append(path)
+            except Exception as err:  # one bad figure must not cost the others
+                warnings.warn(
+                    f"figure {name} failed and is skipped: {type(err).__name__}: {err}",
+                    stacklevel=2,
+                )
                 continue
-            for fmt in formats:
-                path = out / f"{name}.{fmt}"
-                fig.savefig(path)
-                written.append(path)
-            plt.close(fig)
+            finally:
+                if fig is not None:
+                    plt.close(fig)
+            written += paths
     return written

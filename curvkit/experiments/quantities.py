@@ -509,13 +509,31 @@ def q_estimator_error(ctx: PointContext, opt: dict) -> Measured:
     return m
 
 
+def _trace_methods() -> list[str]:
+    from curvkit.estimators import TRACE_METHODS
+
+    return ["auto", *sorted(TRACE_METHODS)]
+
+
+def _diagonal_methods() -> list[str]:
+    from curvkit.estimators import DIAGONAL_METHODS
+
+    return ["auto", *sorted(DIAGONAL_METHODS)]
+
+
 @dataclass(frozen=True)
 class QuantitySpec:
-    """A registered quantity: its function, option defaults and one-line description."""
+    """A registered quantity: its function, option defaults and one-line description.
+
+    ``choices`` maps an option that names estimator methods (a string, or a list of them)
+    to a function returning the valid names; it is called when a config is checked, so
+    methods registered later (``register_trace_method``) are accepted too.
+    """
 
     fn: Callable[[PointContext, dict], Measured]
     defaults: dict[str, Any]
     doc: str
+    choices: dict[str, Callable[[], list[str]]] = field(default_factory=dict)
 
 
 #: Registry in measuring order. ``where`` (every quantity) limits it to matching grid points.
@@ -523,7 +541,10 @@ QUANTITIES: dict[str, QuantitySpec] = {
     "loss": QuantitySpec(q_loss, {}, "loss on the curvature batch, train and test split"),
     "accuracy": QuantitySpec(q_accuracy, {}, "accuracy on train and held-out split"),
     "trace": QuantitySpec(
-        q_trace, {"method": "hutch++", "num_matvecs": 30}, "Hessian trace (ck.trace)"
+        q_trace,
+        {"method": "hutch++", "num_matvecs": 30},
+        "Hessian trace (ck.trace)",
+        {"method": _trace_methods},
     ),
     "eigenvalues": QuantitySpec(
         q_eigenvalues,
@@ -544,6 +565,7 @@ QUANTITIES: dict[str, QuantitySpec] = {
             "error_samples": 64,
         },
         "Hessian diagonal statistics",
+        {"methods": _diagonal_methods},
     ),
     "row_sum": QuantitySpec(
         q_row_sum, {"error_samples": 64}, "Hessian row-sum statistics (uses the diagonal)"
@@ -567,14 +589,72 @@ QUANTITIES: dict[str, QuantitySpec] = {
             "where": {"curvature_batch_size": "full", "draw": 0, "step": "last"},
         },
         "trace-estimator error versus matvecs against the exact trace",
+        {"methods": _trace_methods},
     ),
 }
 
 
+def _where_choices(
+    grid: dict[str, Any], labels: list[str], architectures: list[str] | None
+) -> dict[str, list]:
+    """The values each ``where`` key can take in ``grid`` (``None``: not checked)."""
+    tbs = list(grid["train_batch_sizes"])
+    if 0 in grid["checkpoints"]:
+        tbs = [0, *tbs]  # initialisation points carry train_batch_size = 0
+    return {
+        "model": list(labels),
+        "architecture": list(architectures) if architectures is not None else None,
+        "train_batch_size": tbs,
+        "curvature_batch_size": list(grid["curvature_batch_sizes"]),
+        "seed": [*grid["seeds"], "first"],
+        "step": [*grid["checkpoints"], "first", "last"],
+        "draw": list(range(grid["draws"])),
+    }
+
+
+def _check_where(
+    where: dict[str, Any],
+    grid: dict[str, Any],
+    labels: list[str],
+    architectures: list[str] | None,
+    defaulted: bool,
+) -> None:
+    """Every ``where`` value must name a value of the grid: otherwise it never matches."""
+    choices = _where_choices(grid, labels, architectures)
+    for key, wanted in where.items():
+        valid = choices[key]
+        if valid is None:
+            continue
+        wanted_list = wanted if isinstance(wanted, list) else [wanted]
+        hint = " (the default `where`; set `where` in the config to change it)" if defaulted else ""
+        if not wanted_list:
+            raise ValueError(f"where.{key} is an empty list, so it never matches{hint}")
+        for w in wanted_list:
+            if key == "curvature_batch_size":
+                ok = not isinstance(w, bool) and str(w) in {str(v) for v in valid}
+            else:
+                ok = not isinstance(w, bool) and w in valid and type(w) in {type(v) for v in valid}
+            if not ok:
+                raise ValueError(
+                    f"where.{key} = {w!r} is not in the grid, so the quantity would never be "
+                    f"measured{hint}; valid values: {valid}"
+                )
+
+
 def check_quantity_options(
-    name: str, options: dict[str, Any], grid: dict[str, Any], labels: list[str]
+    name: str,
+    options: dict[str, Any],
+    grid: dict[str, Any],
+    labels: list[str],
+    architectures: list[str] | None = None,
+    measured: bool = True,
 ) -> dict[str, Any]:
-    """Merge ``options`` over the quantity's defaults; raise ``ValueError`` on unknown keys."""
+    """Merge ``options`` over the quantity's defaults; raise ``ValueError`` on a bad one.
+
+    Checks option names and types, estimator method names against curvkit's registries,
+    and (for a measured quantity, or a `where` given explicitly) that every ``where`` value
+    names a value of ``grid``, so no quantity silently never runs.
+    """
     spec = QUANTITIES[name]
     allowed = set(spec.defaults) | {"where"}
     unknown = sorted(set(options) - allowed)
@@ -596,6 +676,22 @@ def check_quantity_options(
             raise ValueError(f"option {key} must be a non-negative number, got {value!r}")
         if isinstance(default, list) and not isinstance(value, list):
             raise ValueError(f"option {key} must be a list, got {value!r}")
+        if isinstance(default, list) and not value:
+            raise ValueError(f"option {key} must be a non-empty list")
+        if isinstance(default, list) and all(
+            isinstance(d, int) and not isinstance(d, bool) for d in default
+        ):
+            bad_ints = [v for v in value if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+            if bad_ints:
+                raise ValueError(f"option {key} must list positive integers, got {bad_ints}")
+    for key, valid_names in spec.choices.items():
+        valid = valid_names()
+        value = merged[key]
+        for v in value if isinstance(value, list) else [value]:
+            if not isinstance(v, str) or v not in valid:
+                raise ValueError(
+                    f"option {key}: unknown method {v!r}; valid methods: {', '.join(valid)}"
+                )
     where = merged.get("where", {})
     if not isinstance(where, dict):
         raise ValueError(f"where must be a table of grid keys, got {where!r}")
@@ -607,6 +703,8 @@ def check_quantity_options(
         missing = [w for w in wanted if w not in labels]
         if missing:
             raise ValueError(f"where.model names {missing}, not among the models {labels}")
+    if measured or "where" in options:
+        _check_where(where, grid, labels, architectures, defaulted="where" not in options)
     merged["where"] = where
     return merged
 

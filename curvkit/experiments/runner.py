@@ -17,17 +17,22 @@ Seeds (all derived from the grid seed with :func:`derive_seed`, so they do not d
   per-quantity purpose string.
 
 Same config and seed therefore give the same numbers (timings aside), whether the sweep runs
-in one go, resumed, or split into shards.
+in one go, resumed, or split into shards. A folder resumed with a changed grid consolidates
+to the tables of a fresh run of the new config (:func:`grid_selection`): finished points
+outside the grid are left out (kept on disk), ``where`` first/last resolves against the new
+grid, and a finished point it newly selects is measured again (its old folder kept under
+``points/.superseded/``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
-import shutil
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +50,27 @@ from curvkit.experiments.quantities import (
     derive_seed,
     matches_where,
 )
-from curvkit.experiments.tables import KEY_COLUMNS, finished_points, write_point
+from curvkit.experiments.tables import (
+    KEY_COLUMNS,
+    SUPERSEDED,
+    consolidate,
+    finished_points,
+    write_point,
+)
 from curvkit.zoo import build_model
 
-__all__ = ["SweepResult", "expand_grid", "parse_shard", "run_sweep", "shard_points"]
+__all__ = [
+    "SweepPlan",
+    "SweepResult",
+    "check_with_data",
+    "expand_grid",
+    "grid_selection",
+    "parse_shard",
+    "plan_sweep",
+    "run_sweep",
+    "shard_points",
+    "wanted_quantities",
+]
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -110,6 +132,30 @@ def expand_grid(cfg: SweepConfig, num_train: int) -> list[dict[str, Any]]:
     return points
 
 
+def wanted_quantities(cfg: SweepConfig, point: dict[str, Any]) -> list[str]:
+    """The quantities measured at ``point``: those whose ``where`` it matches in this grid.
+
+    ``where`` values such as ``step = "last"`` resolve against the grid, so extending the
+    grid can move them from one point to another.
+    """
+    return [
+        q
+        for q in cfg.quantities
+        if matches_where(point, cfg.quantity_options[q].get("where", {}), cfg.grid)
+    ]
+
+
+def grid_selection(cfg: SweepConfig) -> dict[str, list[str]]:
+    """``{point_id: quantities measured there}`` over the whole grid of ``cfg``.
+
+    What the consolidated tables hold: finished points outside the grid, and rows of
+    quantities a point no longer measures (e.g. ``step = "last"`` before checkpoints were
+    added), are left out, so a resumed or extended sweep gives the tables of a fresh run.
+    """
+    # point ids and `where` matching depend on the grid only, not on the data's size
+    return {p["point_id"]: wanted_quantities(cfg, p) for p in expand_grid(cfg, num_train=0)}
+
+
 def shard_points(points: list[dict], shard: tuple[int, int]) -> list[dict]:
     """Round-robin share ``i`` of ``n`` of the canonical point list (disjoint, covering)."""
     i, n = shard
@@ -127,6 +173,22 @@ class SweepResult:
     computed: int
     seconds: float
     figures: list[Path]
+    left_out: int = 0  # finished points in the folder outside this grid, not in the tables
+
+
+@dataclass
+class SweepPlan:
+    """What :func:`run_sweep` would do, found without computing or writing anything."""
+
+    cfg: SweepConfig
+    root: Path
+    shard: tuple[int, int]
+    data: Dataset
+    points: list[dict]  # the whole grid, canonical order
+    mine: list[dict]  # this shard's share
+    pending: list[dict]  # this shard's points to compute now (after ``max_points``)
+    remeasure: set[str]  # finished points to measure again (their `where` now matches more)
+    left_out: list[str]  # finished points in the folder that are not in the grid
 
 
 class _Trainer:
@@ -240,11 +302,10 @@ def measure_point(
     arrays: dict[str, list[dict]] = {}
     notes: list[str] = []
     timing: dict[str, float] = {}
+    quantities = wanted_quantities(cfg, point)
     with _mode(model, cfg.curvature_mode):
-        for q in cfg.quantities:
+        for q in quantities:
             opt = cfg.quantity_options[q]
-            if not matches_where(point, opt.get("where", {}), cfg.grid):
-                continue
             t0 = time.perf_counter()
             measured = QUANTITIES[q].fn(ctx, opt)
             seconds = time.perf_counter() - t0
@@ -272,7 +333,7 @@ def measure_point(
     }
     for name, table in arrays.items():
         tables[name] = pd.DataFrame(table)
-    return tables, {"notes": notes, "seconds_by_quantity": timing}
+    return tables, {"measured": quantities, "notes": notes, "seconds_by_quantity": timing}
 
 
 def _check_resumable(root: Path, fingerprint: str, done: dict[str, dict]) -> None:
@@ -286,6 +347,117 @@ def _check_resumable(root: Path, fingerprint: str, done: dict[str, dict]) -> Non
         )
 
 
+def check_with_data(cfg: SweepConfig) -> Dataset:
+    """Load the config's dataset and check everything that depends on it; return the data.
+
+    Raises :class:`ConfigError` (or ``FileNotFoundError`` for data not on disk) before any
+    compute. ``curvkit sweep --check`` and :func:`run_sweep` both call it.
+    """
+    options = {k: v for k, v in cfg.data.items() if k not in ("name", "seed")}
+    try:
+        data = load_dataset(cfg.data["name"], seed=cfg.data.get("seed", 0), **options)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"[data] {cfg.data['name']!r}: {err}") from None
+    data = data.to(cfg.torch_dtype)
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {cfg.device!r} requested but CUDA is not available")
+    for key in ("train_batch_sizes", "curvature_batch_sizes"):
+        too_big = [b for b in cfg.grid[key] if b != "full" and b > data.num_train]
+        if too_big:
+            raise ConfigError(
+                f"grid.{key} {too_big} exceed the {data.num_train} training samples of "
+                f'{data.name}; use smaller sizes or "full"'
+            )
+    for spec in cfg.models:  # build each once: catches shape problems
+        try:
+            build_model(spec.name, data.input_shape, data.num_outputs, seed=0, **spec.knobs)
+        except ValueError as err:
+            raise ConfigError(f"model {spec.label!r} on {data.name}: {err}") from None
+    import curvkit as ck
+
+    needs = {
+        "trace": "trace",
+        "eigenvalues": "eigenvalues",
+        "density": "spectral_density",
+        "diagonal": "diagonal",
+        "row_sum": "row_sum",
+        "frobenius": "frobenius_norm",
+        "ggn_residual": "GGNOperator",
+        "estimator_error": "trace",
+        "cost": "GGNOperator",
+    }
+    for q in cfg.quantities:
+        if q in needs and not hasattr(ck, needs[q]):
+            raise ConfigError(
+                f"quantity {q!r} needs curvkit.{needs[q]}, which this curvkit does not provide"
+            )
+    return data
+
+
+def _measured(meta: dict, cfg: SweepConfig) -> set[str]:
+    """The quantities a finished point measured (older points: from their timings)."""
+    if "measured" in meta:
+        return set(meta["measured"])
+    if "seconds_by_quantity" in meta:
+        return set(meta["seconds_by_quantity"])
+    return set(cfg.quantities)
+
+
+def plan_sweep(
+    config: SweepConfig | str | Path,
+    *,
+    output: str | Path | None = None,
+    shard: tuple[int, int] | str | None = None,
+    max_points: int | None = None,
+) -> SweepPlan:
+    """Every check of :func:`run_sweep`, and the points it would compute; writes nothing."""
+    cfg = config if isinstance(config, SweepConfig) else load_config(config)
+    shard = parse_shard(shard) if shard is None or isinstance(shard, str) else shard
+    if max_points is not None and (
+        isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 0
+    ):
+        raise ConfigError(f"--max-points must be a non-negative integer, got {max_points!r}")
+    root = Path(output) if output is not None else cfg.output
+    data = check_with_data(cfg)
+    points = expand_grid(cfg, data.num_train)
+    mine = shard_points(points, shard)
+    done_all = finished_points(root)
+    ids = {p["point_id"] for p in points}
+    done = {k: v for k, v in done_all.items() if k in ids}
+    _check_resumable(root, cfg.fingerprint(), done)
+    # a point measured before the grid grew may lack a quantity whose `where` now resolves
+    # to it (e.g. step = "last" after removing a checkpoint): measure it again
+    remeasure = {
+        p["point_id"]
+        for p in points
+        if p["point_id"] in done
+        and not set(wanted_quantities(cfg, p)) <= _measured(done[p["point_id"]], cfg)
+    }
+    pending = [p for p in mine if p["point_id"] not in done or p["point_id"] in remeasure]
+    if max_points is not None:
+        pending = pending[:max_points]
+    left_out = sorted(set(done_all) - ids)
+    return SweepPlan(cfg, root, shard, data, points, mine, pending, remeasure, left_out)
+
+
+def _record_config(cfg: SweepConfig, root: Path) -> None:
+    """Write the config that made the folder to ``root/config.toml`` (atomically)."""
+    from curvkit.experiments.config import config_toml
+
+    target = root / "config.toml"
+    if cfg.source is not None:
+        text = Path(cfg.source).read_text()
+    else:
+        text = config_toml(cfg)
+        if text is None:  # not expressible as TOML: a stale copy would name the wrong grid
+            target.unlink(missing_ok=True)
+            return
+    tmp = root / f".config.toml.{os.getpid()}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, target)
+
+
 def run_sweep(
     config: SweepConfig | str | Path,
     *,
@@ -297,73 +469,36 @@ def run_sweep(
 ) -> SweepResult:
     """Run (or resume) a sweep; write tables per finished point; then make the figures.
 
+    Every check (config, data, resumability) runs before anything is written. At the end
+    the consolidated tables are rebuilt from the point folders of the current grid (always),
+    then the figures are drawn (unless ``figures=False``).
+
     Args:
         config: a :class:`SweepConfig` or the path of a TOML config.
         output: results folder (default: the config's ``output``, ``results/<name>``).
         shard: ``(i, n)`` or ``"i/n"``: run only share ``i`` of ``n`` of the grid points.
         progress: show a tqdm progress bar (on stderr) with time estimates.
         figures: call :func:`curvkit.experiments.figures.make_figures` at the end.
-        max_points: stop after computing this many points (for smoke tests).
+        max_points: stop after computing this many points (for smoke tests; ``>= 0``).
     """
     t_start = time.perf_counter()
-    cfg = config if isinstance(config, SweepConfig) else load_config(config)
-    shard = parse_shard(shard) if shard is None or isinstance(shard, str) else shard
-    root = Path(output) if output is not None else cfg.output
-
-    # ---- everything that can fail on the config fails here, before any compute
-    data = load_dataset(
-        cfg.data["name"],
-        seed=cfg.data.get("seed", 0),
-        **{k: v for k, v in cfg.data.items() if k not in ("name", "seed")},
-    ).to(cfg.torch_dtype)
+    plan = plan_sweep(config, output=output, shard=shard, max_points=max_points)
+    cfg, root, data, points, mine = plan.cfg, plan.root, plan.data, plan.points, plan.mine
+    shard, pending = plan.shard, plan.pending
     device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {cfg.device!r} requested but CUDA is not available")
-    for key in ("train_batch_sizes", "curvature_batch_sizes"):
-        too_big = [b for b in cfg.grid[key] if b != "full" and b > data.num_train]
-        if too_big:
-            raise ConfigError(
-                f"grid.{key} {too_big} exceed the {data.num_train} training samples of "
-                f'{data.name}; use smaller sizes or "full"'
-            )
-    for spec in cfg.models:  # build each once on the meta level: catches shape problems
-        try:
-            build_model(spec.name, data.input_shape, data.num_outputs, seed=0, **spec.knobs)
-        except ValueError as err:
-            raise ConfigError(f"model {spec.label!r} on {data.name}: {err}") from None
-    for q in cfg.quantities:
-        needs = {
-            "trace": "trace",
-            "eigenvalues": "eigenvalues",
-            "density": "spectral_density",
-            "diagonal": "diagonal",
-            "row_sum": "row_sum",
-            "frobenius": "frobenius_norm",
-            "ggn_residual": "GGNOperator",
-            "estimator_error": "trace",
-            "cost": "GGNOperator",
-        }
-        import curvkit as ck
-
-        if q in needs and not hasattr(ck, needs[q]):
-            raise ConfigError(
-                f"quantity {q!r} needs curvkit.{needs[q]}, which this curvkit does not provide"
-            )
-
-    points = expand_grid(cfg, data.num_train)
-    mine = shard_points(points, shard)
-    root.mkdir(parents=True, exist_ok=True)
-    if cfg.source is not None:
-        shutil.copyfile(cfg.source, root / "config.toml")
-    fingerprint = cfg.fingerprint()
-    done = finished_points(root)
-    _check_resumable(
-        root, fingerprint, {k: v for k, v in done.items() if k in {p["point_id"] for p in points}}
-    )
-    pending = [p for p in mine if p["point_id"] not in done]
     skipped = len(mine) - len(pending)
-    if max_points is not None:
-        pending = pending[:max_points]
+    fingerprint = cfg.fingerprint()
+    # every check has passed: only now touch the folder
+    root.mkdir(parents=True, exist_ok=True)
+    _record_config(cfg, root)
+    again = [p["point_id"] for p in pending if p["point_id"] in plan.remeasure]
+    if again:
+        warnings.warn(
+            f"{len(again)} finished point(s) are measured again (e.g. {again[0]}): in the "
+            "changed grid a `where` with a first/last step or seed selects them for more "
+            f"quantities; their earlier results are kept under {root / 'points' / SUPERSEDED}",
+            stacklevel=2,
+        )
 
     threads_before = torch.get_num_threads()
     if cfg.threads:
@@ -442,29 +577,44 @@ def run_sweep(
                     "seconds": seconds,
                     **info,
                 }
-                write_point(root, p["point_id"], tables, meta)
+                write_point(
+                    root, p["point_id"], tables, meta, replace=p["point_id"] in plan.remeasure
+                )
                 computed += 1
                 bar.update(1)
     finally:
         bar.close()
         torch.set_num_threads(threads_before)
 
-    made: list[Path] = []
-    if figures:
-        from curvkit.experiments.figures import make_figures
-
-        made = make_figures(root)
+    selection = grid_selection(cfg)
+    tables = consolidate(root, select=selection)
+    finished = finished_points(root)
+    left_out = sorted(set(finished) - set(selection))
     (root / "sweep.json").write_text(
         json.dumps(
             {
                 "config": cfg.name,
                 "fingerprint": fingerprint,
                 "points": len(points),
-                "finished": len(finished_points(root)),
+                "finished": len(set(finished) & set(selection)),
+                "left_out": len(left_out),
+                "left_out_example": left_out[0] if left_out else None,
             },
             indent=1,
         )
     )
+    made: list[Path] = []
+    if figures:
+        from curvkit.experiments.figures import make_figures
+
+        made = make_figures(root, tables=tables)
     return SweepResult(
-        root, len(points), len(mine), skipped, computed, time.perf_counter() - t_start, made
+        root,
+        len(points),
+        len(mine),
+        skipped,
+        computed,
+        time.perf_counter() - t_start,
+        made,
+        len(left_out),
     )

@@ -3,7 +3,9 @@
 Layout of a results folder::
 
     results/<name>/
-        config.toml              copy of the config that made it
+        config.toml              the config of the last sweep run here (its grid is what
+                                 `load_tables` consolidates)
+        sweep.json               summary of the last sweep: points, finished, left out
         points/<point_id>/       one folder per finished grid point (renamed into place
             meta.json            atomically, so a folder that exists is complete)
             points.parquet       one row: the point's keys, sizes, wall time
@@ -11,7 +13,9 @@ Layout of a results folder::
             eigenvalues.parquet  long-format arrays keyed by the point
             density.parquet
             estimator_error.parquet
-        points.parquet, measurements.parquet, ...   all points concatenated (`consolidate`)
+        points/.superseded/      earlier results of points measured again (never read)
+        points.parquet, measurements.parquet, ...   the grid's points concatenated
+                                 (`consolidate`)
         figures/                 PDF + PNG
 
 Every table carries the grid-point keys (``KEY_COLUMNS``), so tables join on them.
@@ -23,6 +27,8 @@ import json
 import os
 import shutil
 import uuid
+import warnings
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -32,6 +38,7 @@ __all__ = [
     "TABLES",
     "consolidate",
     "finished_points",
+    "folder_selection",
     "load_tables",
     "read_table",
     "write_point",
@@ -50,7 +57,13 @@ KEY_COLUMNS = [
     "step",
     "draw",
 ]
+#: Folder under ``points/`` that keeps a point's earlier result when it is remeasured.
+SUPERSEDED = ".superseded"
 TABLES = ("points", "measurements", "eigenvalues", "density", "estimator_error")
+#: Columns that hold text in every table (read back as text from CSV too).
+TEXT_COLUMNS = ("point_id", "model", "architecture", "curvature_batch_spec")
+#: The quantity whose rows an array table holds (``measurements`` rows carry a ``group``).
+TABLE_QUANTITY = {t: t for t in ("eigenvalues", "density", "estimator_error")}
 
 
 def _parquet_available() -> bool:
@@ -86,22 +99,34 @@ def read_table(stem: Path) -> pd.DataFrame | None:
     if pq.exists():
         return pd.read_parquet(pq)
     if csv.exists():
-        return pd.read_csv(csv)
+        # text columns stay text: a batch spec "8" or a label "1" must not turn into a number
+        return pd.read_csv(
+            csv,
+            dtype=dict.fromkeys(TEXT_COLUMNS, str),
+            keep_default_na=False,  # "NA" or "nan" as a model label stays text
+            na_values=[""],  # what to_csv writes for a missing number
+        )
     return None
 
 
 def write_point(
-    root: Path, point_id: str, tables: dict[str, pd.DataFrame], meta: dict, fmt: str | None = None
+    root: Path,
+    point_id: str,
+    tables: dict[str, pd.DataFrame],
+    meta: dict,
+    fmt: str | None = None,
+    replace: bool = False,
 ) -> bool:
     """Write one finished point's tables as ``root/points/<point_id>/`` in one atomic rename.
 
     Returns ``False`` (and writes nothing) if the point is already there, e.g. written by a
-    concurrent shard.
+    concurrent shard. With ``replace``, an existing folder is moved (never deleted) to
+    ``root/points/.superseded/`` first; readers skip that folder.
     """
     points_dir = Path(root) / "points"
     points_dir.mkdir(parents=True, exist_ok=True)
     final = points_dir / point_id
-    if final.exists():
+    if final.exists() and not replace:
         return False
     tmp = points_dir / f".tmp-{point_id}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -109,6 +134,10 @@ def write_point(
         for name, df in tables.items():
             write_table(df, tmp / name, fmt)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+        if replace and final.exists():
+            aside = points_dir / SUPERSEDED / f"{point_id}-{uuid.uuid4().hex[:8]}"
+            aside.parent.mkdir(exist_ok=True)
+            os.rename(final, aside)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -137,19 +166,57 @@ def finished_points(root: Path) -> dict[str, dict]:
     return out
 
 
-def consolidate(root: Path, fmt: str | None = None) -> dict[str, pd.DataFrame]:
-    """Concatenate every finished point's tables into ``root/<table>.parquet`` (atomically)."""
+def _keep_rows(df: pd.DataFrame, table: str, quantities: Collection[str] | None) -> pd.DataFrame:
+    """The rows of one point's ``table`` made by ``quantities`` (all rows for ``None``)."""
+    if quantities is None:
+        return df
+    if table == "measurements" and "group" in df:
+        return df[df["group"].isin(list(quantities))]
+    if table in TABLE_QUANTITY and TABLE_QUANTITY[table] not in quantities:
+        return df.iloc[:0]
+    return df
+
+
+def consolidate(
+    root: Path,
+    fmt: str | None = None,
+    select: Mapping[str, Collection[str] | None] | None = None,
+) -> dict[str, pd.DataFrame]:
+    """Concatenate finished points' tables into ``root/<table>.parquet`` (atomically).
+
+    Args:
+        root: the results folder.
+        fmt: ``"parquet"`` or ``"csv"`` (default: Parquet when pyarrow is installed).
+        select: ``{point_id: quantities}``: only these points, and of each only the rows the
+            listed quantities made (``None``: all its rows); finished points not in
+            ``select`` are left out, with a warning, and stay on disk. ``None``: every
+            finished point, every row.
+    """
     root = Path(root)
     points_dir = root / "points"
     frames: dict[str, list[pd.DataFrame]] = {t: [] for t in TABLES}
+    left_out = []
     if points_dir.is_dir():
         for d in sorted(points_dir.iterdir()):
             if d.name.startswith(".") or not (d / "meta.json").exists():
                 continue
+            if select is not None and d.name not in select:
+                left_out.append(d.name)
+                continue
+            quantities = None if select is None else select[d.name]
             for t in TABLES:
                 df = read_table(d / t)
                 if df is not None and len(df):
+                    df = _keep_rows(df, t, quantities)
+                if df is not None and len(df):
                     frames[t].append(df)
+    if left_out:
+        warnings.warn(
+            f"{len(left_out)} finished point(s) under {points_dir} are not in the current grid "
+            f"(e.g. {left_out[0]}) and are left out of the tables and figures; their folders "
+            "are kept",
+            stacklevel=2,
+        )
     out = {}
     for t, parts in frames.items():
         df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=KEY_COLUMNS)
@@ -158,13 +225,37 @@ def consolidate(root: Path, fmt: str | None = None) -> dict[str, pd.DataFrame]:
     return out
 
 
-def load_tables(root: Path) -> dict[str, pd.DataFrame]:
-    """The result tables of a results folder (re-consolidating from ``points/`` if present)."""
+def folder_selection(root: Path) -> dict[str, list[str]] | None:
+    """The current grid of a results folder, from its ``config.toml`` (see ``consolidate``).
+
+    ``None`` (every finished point counts) when the folder has no readable config.
+    """
+    path = Path(root) / "config.toml"
+    if not path.is_file():
+        return None
+    from curvkit.experiments.config import ConfigError, load_config
+    from curvkit.experiments.runner import grid_selection
+
+    try:
+        return grid_selection(load_config(path))
+    except ConfigError as err:
+        warnings.warn(
+            f"{path} is not a valid config ({err}); using every finished point", stacklevel=2
+        )
+        return None
+
+
+def load_tables(root: Path, *, all_points: bool = False) -> dict[str, pd.DataFrame]:
+    """The result tables of a results folder (re-consolidating from ``points/`` if present).
+
+    The tables hold the grid of the folder's ``config.toml`` (the config of the last sweep
+    run there); with ``all_points``, or without a config, every finished point.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"results folder {root} does not exist; run `curvkit sweep` first")
     if (root / "points").is_dir():
-        return consolidate(root)
+        return consolidate(root, select=None if all_points else folder_selection(root))
     out = {}
     for t in TABLES:
         df = read_table(root / t)

@@ -63,10 +63,13 @@ class Jet:
     ``x2`` is ``(G, *S)`` (one per group of ``m = K // G`` probes), or ``None`` for zero.
     """
 
-    __slots__ = ("x0", "x1", "x2", "K", "m")
+    __slots__ = ("x0", "x1", "x2", "K", "m", "shared")
 
     def __init__(self, x0: Tensor, x1: Tensor | None, x2: Tensor | None, K: int, m: int):
         self.x0, self.x1, self.x2, self.K, self.m = x0, x1, x2, K, m
+        # a view of another jet, or viewed by one (or a parameter): an in-place operation
+        # on it would have to reach the others, which jets cannot do
+        self.shared = False
 
     # -------------------------------------------------------------- tensor-like surface
     @property
@@ -188,10 +191,17 @@ class Jet:
     def __getitem__(self, index):
         return _linear(torch.Tensor.__getitem__, (self, index), {})
 
-    __iadd__ = __add__
-    __isub__ = __sub__
-    __imul__ = __mul__
-    __itruediv__ = __truediv__
+    def __iadd__(self, other):
+        return _write_back(self, _add(self, other), "+=")
+
+    def __isub__(self, other):
+        return _write_back(self, _add(self, other, -1.0), "-=")
+
+    def __imul__(self, other):
+        return _write_back(self, _mul(self, other), "*=")
+
+    def __itruediv__(self, other):
+        return _write_back(self, _div(self, other), "/=")
 
 
 def _dispatch_method(method, self, *args, **kwargs):
@@ -210,7 +220,34 @@ def _dispatch(func, args, kwargs):
             f"no Taylor-mode rule for {_name(func)!r}; use Hessian-vector products "
             "(quadratic_form_method='hvp') for this model"
         )
-    return rule(func, args, kwargs)
+    if not torch.is_grad_enabled():
+        # every Taylor pass runs with grad mode on: off here means the model turned it off,
+        # in a torch.no_grad() block or a custom autograd.Function's forward, whose values
+        # autograd treats as constants or differentiates by the user's own backward
+        raise TaylorUnsupportedError(
+            f"{_name(func)!r} ran with autograd off (torch.no_grad() in the model, or a "
+            "custom autograd.Function), which Taylor-mode rules cannot follow"
+        )
+    name = getattr(func, "__name__", "")
+    in_place = (name.endswith("_") and not name.startswith("__")) or kwargs.get("inplace")
+    result = rule(func, args, kwargs)
+    if not in_place:
+        return result
+    if not (args and isinstance(args[0], Jet)):
+        raise TaylorUnsupportedError(f"in-place {name!r} writing a Taylor-mode jet into a tensor")
+    return _write_back(args[0], result, name)
+
+
+def _write_back(target: Jet, result: Any, what: str) -> Jet:
+    """An in-place operation on ``target``: its Taylor terms become ``result``'s, seen by
+    every holder of the jet (a view of it, or one it is a view of, cannot be reached)."""
+    if target.shared or not isinstance(result, Jet) or result.shape != target.shape:
+        raise TaylorUnsupportedError(
+            f"in-place {what!r} on a Taylor-mode jet that shares memory with another (a view "
+            "or a parameter); write the model out of place"
+        )
+    target.x0, target.x1, target.x2 = result.x0, result.x1, result.x2
+    return target
 
 
 # ---------------------------------------------------------------------- helpers
@@ -223,6 +260,15 @@ def _second_order() -> bool:
     return _SECOND_ORDER[0]
 
 
+#: ``True`` while first-order jets run on the live parameters under autograd
+#: (:func:`_first_order_jets`): rules may then use PyTorch's backward kernels for ``x1``
+_RECORDING = [False]
+
+
+def _recording() -> bool:
+    return _RECORDING[0]
+
+
 #: ``False`` while :func:`output_tangents` runs: the tangents' own autograd graph is cut at
 #: every rule's output, so it never holds more than one operation's saved tensors
 _RECORD_TANGENTS = [True]
@@ -232,6 +278,16 @@ _RECORD_TANGENTS = [True]
 def _switched_off(flag: list[bool]) -> Iterator[None]:
     """``flag[0]`` is ``False`` inside, and what it was before afterwards."""
     previous, flag[0] = flag[0], False
+    try:
+        yield
+    finally:
+        flag[0] = previous
+
+
+@contextlib.contextmanager
+def _switched_on(flag: list[bool]) -> Iterator[None]:
+    """``flag[0]`` is ``True`` inside, and what it was before afterwards."""
+    previous, flag[0] = flag[0], True
     try:
         yield
     finally:
@@ -335,16 +391,30 @@ def _linear(func, args, kwargs):
     y2 = None if jet.x2 is None else vmap(call)(jet.x2)
     if isinstance(y0, (tuple, list)):
         return type(y0)(
-            _make(
-                a0,
-                None if y1 is None else y1[i],
-                None if y2 is None else y2[i],
-                jet.K,
-                jet.m,
+            _viewed(
+                jet,
+                _make(
+                    a0,
+                    None if y1 is None else y1[i],
+                    None if y2 is None else y2[i],
+                    jet.K,
+                    jet.m,
+                ),
             )
             for i, a0 in enumerate(y0)
         )
-    return _make(y0, y1, y2, jet.K, jet.m)
+    return _viewed(jet, _make(y0, y1, y2, jet.K, jet.m))
+
+
+def _viewed(source: Jet, out: Jet) -> Jet:
+    """``out``, marked (with ``source``) as sharing memory where its value is a view."""
+    x0, y0 = source.x0, out.x0
+    if (
+        isinstance(y0, Tensor)
+        and y0.untyped_storage().data_ptr() == x0.untyped_storage().data_ptr()
+    ):
+        source.shared = out.shared = True
+    return out
 
 
 def _joint_linear(func, args, kwargs):
@@ -584,7 +654,7 @@ def _elementwise(func, args, kwargs):
         or len(args) - 1 > len(_ELEMENTWISE_ARGS.get(name, ()))
     ):
         raise TaylorUnsupportedError(f"{name!r} with Taylor-mode or unexpected arguments")
-    if x.x2 is None and not _second_order() and torch.is_grad_enabled():
+    if x.x2 is None and not _second_order() and _recording():
         recorded = _recorded_tangent(name, x, options)
         if recorded is not None:
             return recorded
@@ -726,10 +796,12 @@ def _conv(func, args, kwargs):
     cross = None
     if bound.get("groups", 1) == 1:
         cross = functools.partial(_conv_cross, conv)
+    if _p0(x).ndim == _p0(W).ndim - 1:  # an unbatched input (C, *spatial)
+        cross = None
     out = _bilinear(conv, x, W, cross)
     if b is None:
         return out
-    view = (-1,) + (1,) * (_p0(out).ndim - 2)
+    view = (-1,) + (1,) * (_p0(W).ndim - 2)  # (C_out, 1, ...): batched or not
     b = b.reshape(view)  # a jet's reshape is its rule
     return _add(out, b)
 
@@ -749,7 +821,7 @@ def _conv_cross(conv: Callable, a1: Tensor, b1: Tensor, m: int) -> Tensor:
 
 
 def _embedding(func, args, kwargs):
-    names = ("input", "weight", "padding_idx", "max_norm")
+    names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq")
     bound = _bind(names, args, kwargs)
     idx, W = bound["input"], bound["weight"]
     if isinstance(idx, Jet):
@@ -758,13 +830,24 @@ def _embedding(func, args, kwargs):
         raise TaylorUnsupportedError(
             "embedding with max_norm (it renormalises the weight in place)"
         )
+    if bound.get("scale_grad_by_freq"):
+        raise TaylorUnsupportedError(
+            "embedding with scale_grad_by_freq (its gradient is not the derivative)"
+        )
+    pad = bound.get("padding_idx")
     if not isinstance(W, Jet):
-        return F.embedding(idx, W)
+        return F.embedding(idx, W, padding_idx=pad)
+    # the padding row gets no gradient: it is a constant of the model
+    padding = None if pad is None else (idx == (pad if pad >= 0 else W.shape[0] + pad))
 
     def take(t):  # (n, V, d) -> (n, *idx.shape, d)
-        return None if t is None else t[:, idx]
+        if t is None:
+            return None
+        rows = t[:, idx]
+        return rows if padding is None else rows.masked_fill(padding[..., None], 0.0)
 
-    return _make(F.embedding(idx, W.x0), take(W.x1), take(W.x2), W.K, W.m)
+    # x0 with padding_idx too: under autograd its padding row then gets no gradient
+    return _make(F.embedding(idx, W.x0, padding_idx=pad), take(W.x1), take(W.x2), W.K, W.m)
 
 
 _POOL_ARGS = {
@@ -987,7 +1070,7 @@ def _layer_norm(func, args, kwargs):
     w, b, eps = bound.get("weight"), bound.get("bias"), bound.get("eps", 1e-5)
     if not isinstance(x, Jet):
         x = _as_constant_jet(x, w, b)
-    if x.x2 is None and not _second_order() and torch.is_grad_enabled():
+    if x.x2 is None and not _second_order() and _recording():
         return _recorded_layer_norm(x, list(shape), w, b, eps)
     dims = tuple(range(-len(shape), 0))
     out = _normalise(x, dims, eps)
@@ -1326,23 +1409,27 @@ _RULES: dict[str, Callable[[Any, tuple, dict], Any]] = {
 # ---------------------------------------------------------------------- driver
 @contextlib.contextmanager
 def _jet_parameters(
-    model: nn.Module, params: Sequence[Tensor], jets: Sequence[Jet]
+    model: nn.Module, params: Sequence[Tensor], jets: Sequence[Jet], detach_others: bool = False
 ) -> Iterator[None]:
     """Swap ``params`` for jets in every module slot that holds them (a tied weight sits in
-    several modules), restored on exit."""
+    several modules), restored on exit; with ``detach_others``, the model's other trainable
+    parameters for detached tensors (a pass under grad mode then records no graph)."""
     from curvkit.autodiff import refuse_cached_parametrizations
 
     # the parametrized weights of jets would be cached as the weights of later passes
     refuse_cached_parametrizations(model, "Taylor mode", TaylorUnsupportedError)
     by_id = {id(p): jet for p, jet in zip(params, jets)}
+    for jet in jets:
+        jet.shared = True  # in place on a parameter: PyTorch refuses it too
     swapped = []
     try:
         for module in model.modules():
             for attr, p in module._parameters.items():
-                if p is not None and id(p) in by_id:
+                if p is not None and (id(p) in by_id or (detach_others and p.requires_grad)):
                     swapped.append((module, attr, p))
         for module, attr, p in swapped:
-            module._parameters[attr] = by_id[id(p)]  # bypasses __setattr__'s type check
+            # bypasses __setattr__'s type check
+            module._parameters[attr] = by_id[id(p)] if id(p) in by_id else p.detach()
         yield
     finally:
         for module, attr, original in swapped:
@@ -1367,6 +1454,7 @@ def _first_order_jets(
         torch.enable_grad(),
         _jet_parameters(model, params, jets),
         _switched_off(_SECOND_ORDER),
+        _switched_on(_RECORDING),
         contextlib.nullcontext() if record_tangents else _switched_off(_RECORD_TANGENTS),
     ):
         yield
@@ -1474,7 +1562,13 @@ def taylor_quadratic_forms(
     if group_size < 1 or K % group_size:
         raise ValueError(f"group_size must divide the number of probes {K}, got {group_size}")
     jets = [Jet(p.detach(), v, None, K, group_size) for p, v in zip(params, probes)]
-    with torch.no_grad(), _jet_parameters(model, params, jets):
+    # grad mode on, so that the model turning it off is noticed (see _dispatch); nothing
+    # the pass computes requires grad, so no graph is recorded
+    with (
+        _unsupported_as_taylor_error("the model or loss"),
+        torch.enable_grad(),
+        _jet_parameters(model, params, jets, detach_others=True),
+    ):
         if gauss_newton:
             with _switched_off(_SECOND_ORDER):  # the linearised model
                 out = model(X)

@@ -14,7 +14,16 @@ from torch.func import functional_call
 import curvkit as ck
 from curvkit.autodiff import differentiable_attention
 from curvkit.linop import unflatten_vector
-from tests.cases import CASE_SPECS, DTYPE, Case, _weights, case_ids, dense_hessian, make_case
+from tests.cases import (
+    CASE_SPECS,
+    DTYPE,
+    Case,
+    _weights,
+    case_ids,
+    dense_hessian,
+    make_case,
+    rel_err,
+)
 
 TOL = 1e-10
 
@@ -374,3 +383,21 @@ def test_cpu_default_chunks() -> None:
     assert G.chunk_memory == {}
     explicit = ck.GGNOperator(case.model, case.loss_fn, case.data, max_probes_per_chunk=3)
     assert explicit._chunk_for("double-vjp") == explicit._chunk_for("taylor-jvp") == 3
+
+
+def test_auto_without_a_kept_graph_checks_taylor_mode_once(monkeypatch):
+    """Without a kept graph "auto" takes Taylor mode untimed; a Taylor mode that differs
+    from double VJP (here made to, by 1%) is caught on the first product and dropped."""
+    case = make_case("mlp-tanh", "mse-mean", [3, 5, 2])  # several batches: nothing kept
+    G = dense_ggn(case)
+    V = torch.randn(G.shape[0], 3, generator=torch.Generator().manual_seed(0), dtype=G.dtype)
+    agreeing = ck.GGNOperator(case.model, case.loss_fn, case.data)
+    assert rel_err(agreeing @ V, G @ V) < 1e-10
+    assert agreeing.backend == "taylor-jvp" and agreeing.backend_fallback_reason is None
+    off = ck.GGNOperator(case.model, case.loss_fn, case.data)
+    exact = off._taylor_jvp_product
+    monkeypatch.setattr(off, "_taylor_jvp_product", lambda *a: [1.01 * r for r in exact(*a)])
+    for _ in range(2):
+        assert rel_err(off @ V, G @ V) < 1e-10
+    assert off.backend == "double-vjp"
+    assert "taylor-jvp disagrees with double-vjp" in off.backend_fallback_reason

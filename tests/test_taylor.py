@@ -587,3 +587,116 @@ def test_reverse_over_forward_falls_back_without_a_rule():
     auto = ck.HessianOperator(case.model, case.loss_fn, case.data, cache_graph=False)
     assert rel_err(auto @ v, H @ v) < TOL
     assert "TaylorUnsupportedError" in auto.backend_trials["single"]["reverse-over-forward"]
+
+
+# ------------------------------------------------- what the rules must not get silently wrong
+class _Reversal(torch.autograd.Function):
+    """Gradient reversal: its backward is not the derivative of its forward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return -g
+
+
+class _Unusual(nn.Module):
+    """Small models whose forward does what the Taylor rules could follow wrongly."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        if kind.endswith("padding"):
+            self.emb = nn.Embedding(6, 2, padding_idx=0 if kind == "padding" else -1)
+            self.b = nn.Linear(4, 3)
+        elif kind == "unbatched conv":
+            self.conv = nn.Conv2d(1, 4, 3)  # a 6x6 input gives 4 x 4x4: C_out = H_out
+            self.head = nn.Linear(64, 3)
+        else:
+            self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 3), nn.Linear(4, 4)
+
+    def forward(self, x):
+        kind = self.kind
+        if kind.endswith("padding"):
+            return self.b(torch.tanh(self.emb(x).flatten(1)))
+        if kind == "unbatched conv":
+            return self.head(torch.stack([torch.tanh(self.conv(xi)).flatten() for xi in x]))
+        h = self.a(x)
+        if kind == "in-place result unused":
+            h.mul_(2.0)
+        elif kind == "+= seen by an alias":
+            keep = h
+            h += self.c(x)
+            h = keep
+        elif kind == "in-place through a view":
+            h.view(-1).mul_(2.0)
+        elif kind == "no_grad block":
+            with torch.no_grad():
+                scale = (h * h).mean()
+            h = h / (scale + 1.0)
+        elif kind == "autograd.Function":
+            h = _Reversal.apply(torch.tanh(h))
+        return self.b(torch.tanh(h))
+
+
+UNUSUAL = [
+    "in-place result unused",
+    "+= seen by an alias",
+    "in-place through a view",
+    "no_grad block",
+    "autograd.Function",
+    "padding",
+    "negative padding",
+    "unbatched conv",
+]
+
+
+def _unusual_case(kind: str) -> Case:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if kind.endswith("padding"):
+        X = torch.randint(0, 6, (6, 2), generator=g)
+        X[:, 1] = 0 if kind == "padding" else 5  # the padding row in every sample
+    elif kind == "unbatched conv":
+        X = torch.randn(6, 1, 6, 6, generator=g, dtype=DTYPE)
+    else:
+        X = torch.randn(6, 4, generator=g, dtype=DTYPE)
+    y = torch.randint(0, 3, (6,), generator=g)
+    return Case(kind, _Unusual(kind).to(DTYPE), nn.CrossEntropyLoss(), [(X, y)])
+
+
+def _args(case: Case) -> tuple:
+    return case.model, case.loss_fn, case.data
+
+
+@pytest.mark.parametrize("kind", UNUSUAL)
+def test_taylor_paths_match_the_oracle_or_step_aside(kind):
+    """Every route through the Taylor rules gives the oracle's numbers, by the rules or by
+    the fallback they hand over to (an explicit Taylor-mode form may raise instead)."""
+    import warnings
+
+    from tests.test_ggn import dense_ggn
+
+    case = _unusual_case(kind)
+    H, G = dense_hessian(case), dense_ggn(case)
+    V = _probes(H.shape[0], 4, seed=2)
+    build = {"check_deterministic": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the documented fallbacks
+        rof = ck.HessianOperator(*_args(case), backend="reverse-over-forward", **build)
+        assert rel_err(rof @ V, H @ V) < TOL
+        auto_forms = ck.HessianOperator(*_args(case), **build).quadratic_form(V, group_size=2)
+        assert rel_err(auto_forms, _oracle_forms(H, V).reshape(2, 2).sum(1)) < TOL
+        ggn = ck.GGNOperator(*_args(case), backend="taylor-jvp", **build)
+        assert rel_err(ggn @ V, G @ V) < TOL
+        unkept = ck.GGNOperator(*_args(case), cache_graph=False, **build)  # "auto", untimed
+        assert rel_err(unkept @ V, G @ V) < TOL
+        for op, oracle in ((_taylor_op(case, **build), H), (ck.GGNOperator(
+            *_args(case), quadratic_form_method="taylor", **build), G)):  # fmt: skip
+            try:
+                forms = op.quadratic_form(V)
+            except TaylorUnsupportedError:
+                continue
+            assert rel_err(forms, _oracle_forms(oracle, V)) < TOL

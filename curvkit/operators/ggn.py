@@ -66,6 +66,7 @@ from curvkit.operators.quadratic_forms import (
 )
 from curvkit.operators.trials import (
     agreement_tolerance,
+    disagreement,
     failure_reason,
     fall_back,
     timed_rounds,
@@ -328,6 +329,7 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
         self.memory_budget = int(memory_budget)
         self.backend_fallback_reason: str | None = None
         self._taylor_failure: str | None = None  # why "taylor-jvp" cannot run this model
+        self._taylor_checked = False  # "auto" without a kept graph: Taylor mode checked once
         #: ``"auto"``'s choice per kind of product (``"single"``, ``"block"``) where the graph
         #: is kept, and its trial's seconds (or why a candidate was dropped)
         self.backend_choices: dict[str, str] = {}
@@ -439,8 +441,12 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
     ) -> None:
         kind = "single" if probes[0].shape[0] == 1 else "block"
         done = 0
+        head = None
         if self._needs_trial(kind):
             head = self._trial(kind, X, y, weight, probes, batch)
+        elif self._product_backend(kind) == "taylor-jvp" and not self._taylor_checked:
+            head = self._check_taylor(X, y, weight, probes, batch)
+        if head is not None:
             done = head[0].shape[0]
             write_into(head, [o[:done] for o in out], accumulate)
             del head
@@ -448,6 +454,27 @@ class GGNOperator(GraphedProducts, TaylorQuadraticForms, CurvatureOperator):
             rest, slots = [v[done:] for v in probes], [o[done:] for o in out]
             name = self._product_backend(kind)
             self._chunked_product(name, X, y, weight, rest, batch, slots, accumulate, last)
+
+    def _check_taylor(self, X, y, weight: float, probes: list[Tensor], batch: int) -> list[Tensor]:
+        """``"auto"`` without a kept graph takes Taylor mode untimed (a graph built for every
+        product is what it saves); its first products (at most ``TRIAL_PROBES``) are
+        checked once against double VJP's, as the timed trial checks them. Returns double
+        VJP's products of those probes."""
+        self._taylor_checked = True
+        head = [v[: min(probes[0].shape[0], TRIAL_PROBES)] for v in probes]
+        reference = self._chunked_product("double-vjp", X, y, weight, head, batch)
+        if not all(bool(torch.isfinite(r).all()) for r in reference):
+            return reference  # nothing to compare against: the finiteness check reports it
+        try:
+            result = self._chunked_product("taylor-jvp", X, y, weight, head, batch)
+        except RuntimeError as err:  # a forward-mode op PyTorch rejects
+            self._taylor_failure = self.backend_fallback_reason = failure_reason(err)
+            return reference
+        tol = agreement_tolerance(self.model, self.dtype, self.device)
+        why = disagreement(result, reference, tol, "double-vjp")
+        if why is not None and self._taylor_failure is None:
+            self._taylor_failure = self.backend_fallback_reason = f"taylor-jvp {why}"
+        return reference
 
     def _needs_trial(self, kind: str) -> bool:
         return (

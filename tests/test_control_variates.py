@@ -127,6 +127,10 @@ def test_backpack_ggn_and_precomputed_diagonal_agree() -> None:
     c = ggn_cv_trace(H, 10, _gen(2), ggn_diagonal=diag)
     assert float(c.value) == pytest.approx(float(a.value), rel=1e-12)
     assert c.num_backward == a.num_backward
+    # a Monte-Carlo diagonal would be taken as exact and its error dropped: refused
+    mc = ck.GGNOperator(case.model, case.loss_fn, case.data).diagonal("mc", mc_samples=4)
+    with pytest.raises(ValueError, match="must be the exact GGN diagonal"):
+        ggn_cv_trace(H, 10, _gen(2), ggn_diagonal=mc)
 
 
 def test_model_left_as_it_was() -> None:

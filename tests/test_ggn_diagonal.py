@@ -102,6 +102,41 @@ def test_backpack_unsupported_is_a_clear_error(spec) -> None:
         hessian_backpack_diagonal(H)
 
 
+def test_backpack_is_not_handed_ignored_targets() -> None:
+    """BackPACK counts targets equal to ignore_index as real ones (a diagonal 4-50% off)."""
+    case = make_case("mlp-tanh", "ce-mean", [7])
+    X, y = case.data
+    y = y.clone()
+    y[:2] = -100
+    G = ck.GGNOperator(case.model, case.loss_fn, (X, y))
+    H = ck.HessianOperator(case.model, case.loss_fn, (X, y))
+    with pytest.raises(NotImplementedError, match=r"ignored targets.*'ggn-exact'"):
+        G.diagonal("backpack")
+    with pytest.raises(NotImplementedError, match=r"ignored targets.*'exact'/'xdiag'"):
+        hessian_backpack_diagonal(H)
+    kept = torch.ones_like(y, dtype=torch.bool)
+    kept[:2] = False  # the exact diagonal counts only the others
+    alone = ck.GGNOperator(case.model, case.loss_fn, (X[kept], y[kept])).diagonal("exact")
+    assert rel(G.diagonal("exact").value, alone.value) < 1e-12
+
+
+def test_a_loss_coupling_samples_slightly_is_caught_in_float32() -> None:
+    """The separability check's float32 tolerance follows eps: a fixed 1e-3 let a coupling
+    of 1e-5 through, and the exact diagonal silently dropped it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    X, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+
+    def coupled(out, target):
+        ce = torch.nn.functional.cross_entropy(out, target)
+        return ce + 1e-5 * out.mean(0).square().sum()
+
+    with pytest.raises(ValueError, match="couples the samples"):
+        ck.GGNOperator(model, coupled, (X, y), reduction="mean").diagonal("exact")
+    plain = torch.nn.CrossEntropyLoss()
+    assert torch.isfinite(ck.GGNOperator(model, plain, (X, y)).diagonal("exact").value).all()
+
+
 def test_monte_carlo_diagonal_is_unbiased_with_honest_error() -> None:
     index = CASE_SPECS.index(("mlp-tanh", "mse-sum", [3, 5, 2]))
     case = make_case(*CASE_SPECS[index])

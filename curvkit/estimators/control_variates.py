@@ -165,6 +165,12 @@ def _ggn_and_residual(H: HessianOperator) -> tuple[GGNOperator, ResidualOperator
 
 def _ggn_diagonal(G: GGNOperator, ggn_method: str, given: Estimate | Tensor | None) -> Estimate:
     if given is not None:  # reuse a diagonal computed once (e.g. across seeds)
+        if isinstance(given, Estimate) and (given.dof != 0 or bool((given.stderr != 0).any())):
+            raise ValueError(
+                f"ggn_diagonal must be the exact GGN diagonal, got a {given.method!r} estimate "
+                "with a standard error, which the control-variate estimate would drop; pass "
+                "G.diagonal('exact') (or ggn_method='exact')"
+            )
         value = given.value if isinstance(given, Estimate) else given
         if value.shape != (G.shape[0],):
             raise ValueError(

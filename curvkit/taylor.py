@@ -275,19 +275,9 @@ _RECORD_TANGENTS = [True]
 
 
 @contextlib.contextmanager
-def _switched_off(flag: list[bool]) -> Iterator[None]:
-    """``flag[0]`` is ``False`` inside, and what it was before afterwards."""
-    previous, flag[0] = flag[0], False
-    try:
-        yield
-    finally:
-        flag[0] = previous
-
-
-@contextlib.contextmanager
-def _switched_on(flag: list[bool]) -> Iterator[None]:
-    """``flag[0]`` is ``True`` inside, and what it was before afterwards."""
-    previous, flag[0] = flag[0], True
+def _switched(flag: list[bool], value: bool) -> Iterator[None]:
+    """``flag[0]`` is ``value`` inside, and what it was before afterwards."""
+    previous, flag[0] = flag[0], value
     try:
         yield
     finally:
@@ -1453,9 +1443,9 @@ def _first_order_jets(
         _unsupported_as_taylor_error(what),
         torch.enable_grad(),
         _jet_parameters(model, params, jets),
-        _switched_off(_SECOND_ORDER),
-        _switched_on(_RECORDING),
-        contextlib.nullcontext() if record_tangents else _switched_off(_RECORD_TANGENTS),
+        _switched(_SECOND_ORDER, False),
+        _switched(_RECORDING, True),
+        contextlib.nullcontext() if record_tangents else _switched(_RECORD_TANGENTS, False),
     ):
         yield
 
@@ -1570,7 +1560,7 @@ def taylor_quadratic_forms(
         _jet_parameters(model, params, jets, detach_others=True),
     ):
         if gauss_newton:
-            with _switched_off(_SECOND_ORDER):  # the linearised model
+            with _switched(_SECOND_ORDER, False):  # the linearised model
                 out = model(X)
         else:
             out = model(X)

@@ -99,3 +99,37 @@ def test_custom_grid_sigma_and_errors():
         ck.spectral_density(A, num_probes=0)
     with pytest.raises(ValueError, match="sigma"):
         ck.spectral_density(A, sigma=-1.0)
+
+
+def test_a_custom_grid_is_not_renormalised_and_bad_grids_are_refused():
+    A, _ = family_matrix("poly1", 60)
+    g = torch.Generator().manual_seed(0)
+    whole = ck.spectral_density(A, 8, 30, sigma=0.02, generator=g)
+    part = torch.linspace(0.0, 0.2, 101, dtype=torch.float64)
+    cut = ck.spectral_density(A, 8, 30, grid=part, sigma=0.02,
+                              generator=torch.Generator().manual_seed(0))  # fmt: skip
+    # the same density where the grids overlap (it had been scaled up to mass 1 on [0, 0.2])
+    at = torch.tensor([0.1], dtype=torch.float64)
+    expected = torch.from_numpy(
+        __import__("numpy").interp(at.numpy(), whole.grid.numpy(), whole.density.numpy())
+    )
+    torch.testing.assert_close(cut.density[50:51], expected, rtol=5e-3, atol=0)
+    assert float(torch.trapezoid(cut.density, cut.grid)) < 0.9
+    for bad in (1, 0, True, 100.0, part.flip(0), part[torch.randperm(101, generator=g)],
+                part.reshape(1, -1)):  # fmt: skip
+        with pytest.raises(ValueError, match="grid"):
+            ck.spectral_density(A, 4, 10, grid=bad, sigma=0.02)
+    for sigma in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(ValueError, match="sigma"):
+            ck.spectral_density(A, 4, 10, sigma=sigma)
+
+
+def test_moments_beyond_the_quadratures_degree_say_they_are_biased():
+    A, _ = family_matrix("poly1", 60)
+    d = ck.spectral_density(A, 4, 2, generator=torch.Generator().manual_seed(0))
+    assert d.exact_below == 4
+    assert "biased" not in d.moment(3).info
+    with pytest.warns(RuntimeWarning, match="biased"):
+        assert d.moment(4).info["biased"]
+    exhausted = ck.spectral_density(A[:3, :3], 2, 10, generator=torch.Generator())
+    assert exhausted.exact_below is None  # three steps span a 3-dimensional space

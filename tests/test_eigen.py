@@ -83,3 +83,53 @@ def test_float32_and_errors():
         ck.eigenvalues(A, 0)
     with pytest.raises(ValueError, match="k < D"):
         ck.eigenvalues(A, 60, method="scipy")
+
+
+def _with_repeated(mult: int, D: int = 120, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A symmetric matrix whose top eigenvalue 2.0 has multiplicity ``mult`` (the rest in
+    [-1, 1]), and its eigenvalues."""
+    g = torch.Generator().manual_seed(seed)
+    lam = torch.cat([torch.full((mult,), 2.0), torch.linspace(-1, 1, D - mult)]).double()
+    Q, _ = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))
+    return (Q * lam) @ Q.T, lam
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+def test_every_copy_of_a_repeated_eigenvalue_is_found(which):
+    """A Krylov space from one vector sees one direction of an eigenspace; the search of
+    the converged pairs' complement finds the other copies (4 of 6 had come back)."""
+    A, lam = _with_repeated(6)
+    if which == "SA":
+        A, lam = -A, -lam
+    k = 8
+    order = {
+        "LA": lam.sort(descending=True),
+        "SA": lam.sort(),
+        "LM": lam.abs().sort(descending=True),
+    }
+    expected = (lam[order[which].indices[:k]]).sort().values
+    for seed in range(3):
+        vals, vecs = ck.eigenvalues(
+            A, k, which=which, generator=torch.Generator().manual_seed(seed),
+            return_eigenvectors=True,
+        )  # fmt: skip
+        torch.testing.assert_close(vals, expected, atol=1e-9, rtol=0)
+        torch.testing.assert_close(vecs.T @ vecs, torch.eye(k, dtype=A.dtype), atol=1e-9, rtol=0)
+        torch.testing.assert_close(A @ vecs, vecs * vals, atol=1e-8, rtol=0)
+    fast = ck.eigenvalues(A, k, which=which, generator=torch.Generator().manual_seed(0),
+                          verify=False)  # fmt: skip
+    assert fast.shape == (k,)  # without the search: what one Krylov space gives
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1.0, 1e30])
+def test_the_scale_of_the_operator_does_not_matter(scale):
+    """The invariant-subspace tests are relative: a tiny operator is no invariant subspace
+    at every step (a 1e-30 scale had returned 0.42 for 1.0)."""
+    g = torch.Generator().manual_seed(1)
+    lam = torch.linspace(-1, 1, 120, dtype=torch.float64)
+    Q, _ = torch.linalg.qr(torch.randn(120, 120, generator=g, dtype=torch.float64))
+    A = (Q * (scale * lam)) @ Q.T
+    top = ck.eigenvalues(A, 2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(top / scale, lam[-2:], atol=1e-9, rtol=0)
+    d = ck.spectral_density(A, num_probes=4, num_steps=30, generator=torch.Generator())
+    assert d.num_matvecs == 4 * 30  # no run mistaken for exhausted

@@ -18,6 +18,8 @@ spread of the nodes, ``grid`` = 1000 points over ``[min node - 5 sigma, max node
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -37,12 +39,16 @@ class SpectralDensity(NamedTuple):
 
     Attributes:
         grid: ``(G,)`` points.
-        density: ``(G,)`` Gaussian-smoothed density on ``grid`` (integrates to 1).
+        density: ``(G,)`` Gaussian-smoothed density on ``grid`` (integrates to 1 on the
+            default grid).
         nodes: ``(P, S)`` Ritz values per probe (``P`` probes, ``S`` steps).
         weights: ``(P, S)`` quadrature weights per probe (each row sums to 1; zero for the
             padding of a run that stopped early at an invariant subspace).
         sigma: the smoothing width used.
-        num_matvecs: products used (``P * S``).
+        num_matvecs: products used (the columns multiplied; at most ``P * S``).
+        exact_below: the power below which every probe's quadrature moment is exact
+            (``2 S`` for a run of ``S`` steps that did not exhaust its Krylov space;
+            ``None`` where every run did).
     """
 
     grid: Tensor
@@ -51,14 +57,28 @@ class SpectralDensity(NamedTuple):
     weights: Tensor
     sigma: float
     num_matvecs: int
+    exact_below: int | None = None
 
     def moment(self, power: int) -> Estimate:
         """Estimate of ``tr(A^power) / D`` from the quadrature (exact per probe for powers
-        below ``2 * num_steps``; unbiased over probes; sample standard error)."""
+        below ``exact_below``, so unbiased over probes; sample standard error). A higher
+        power is biased (the quadrature of ``S`` nodes integrates polynomials of degree
+        below ``2 S`` exactly): a warning says so, and ``info["biased"]`` is set."""
         per_probe = (self.weights * self.nodes**power).sum(-1)
         value, stderr = mean_stderr(per_probe)
         P = per_probe.shape[0]
-        return Estimate(value, stderr, self.num_matvecs, "slq", dof=P - 1 if P > 1 else None)
+        info = {}
+        if self.exact_below is not None and power >= self.exact_below:
+            warnings.warn(
+                f"moment({power}) is biased: the quadrature is exact only for powers below "
+                f"{self.exact_below} (2 x num_steps); raise num_steps",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            info["biased"] = True
+        return Estimate(
+            value, stderr, self.num_matvecs, "slq", dof=P - 1 if P > 1 else None, info=info
+        )
 
     def smoothed_moment(self, power: int) -> Tensor:
         """``integral t^power density(t) dt`` on the grid (trapezoid rule)."""
@@ -81,8 +101,11 @@ def spectral_density(
         A: a symmetric :class:`curvkit.LinearOperator` or dense symmetric ``(D, D)`` tensor.
         num_probes: random starting vectors ``P`` (default 16).
         num_steps: Lanczos steps ``S`` per probe (default 80, capped at ``D``).
-        grid: a 1-D tensor of points, or the number of points of the default grid
-            (default 1000 over the node range padded by ``5 sigma``).
+        grid: the number of points (at least 2) of the default grid (default 1000 over the
+            node range padded by ``5 sigma``; the density is normalised to integrate to 1
+            on it), or a 1-D increasing tensor of points, where the smoothed density is
+            evaluated as it is (a grid that leaves out part of the spectrum holds less
+            than all the mass).
         sigma: Gaussian smoothing width (default 1% of the node spread, or 1e-3 when all
             nodes coincide, scaled by their magnitude).
         generator: source of the probes (``None``: a fresh generator).
@@ -95,8 +118,9 @@ def spectral_density(
     op = to_square_operator(A, "spectral_density")
     if not op.is_symmetric:
         raise ValueError(f"spectral_density needs a symmetric operator, got {op!r}")
-    if num_probes < 1 or num_steps < 1:
-        raise ValueError("num_probes and num_steps must be at least 1")
+    for name, value in (("num_probes", num_probes), ("num_steps", num_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int of at least 1, got {value!r}")
     D = op.shape[0]
     g, _ = resolve_generator(generator)
     V0 = sample_probes((D, num_probes), "rademacher", g, op.dtype, op.device)
@@ -119,23 +143,35 @@ def spectral_density(
         spread = float(hi - lo)
         sigma = 0.01 * spread if spread > 0 else 1e-3 * max(float(hi.abs()), 1.0)
     sigma = float(sigma)
-    if sigma <= 0:
-        raise ValueError(f"sigma must be positive, got {sigma}")
-    if isinstance(grid, int):
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be a positive finite number, got {sigma}")
+    default_grid = isinstance(grid, int) and not isinstance(grid, bool)
+    if default_grid:
+        if grid < 2:
+            raise ValueError(f"grid must be at least 2 points, got {grid}")
         grid_t = torch.linspace(
             float(lo) - 5 * sigma, float(hi) + 5 * sigma, grid, dtype=op.dtype, device=op.device
         )
+    elif isinstance(grid, Tensor) and grid.ndim == 1 and grid.numel() >= 2:
+        grid_t = grid.to(dtype=op.dtype, device=op.device)
+        if not bool(torch.isfinite(grid_t).all() and (grid_t.diff() > 0).all()):
+            raise ValueError("a grid tensor must be finite and strictly increasing")
     else:
-        grid_t = torch.as_tensor(grid, dtype=op.dtype, device=op.device).reshape(-1)
+        raise ValueError(
+            "grid must be a number of points (an int >= 2) or a 1-D tensor of at least 2 "
+            f"increasing points, got {grid!r}"
+        )
     bumps = torch.exp(-0.5 * ((grid_t[:, None] - nodes.reshape(1, -1)) / sigma) ** 2)
     density = (bumps * weights.reshape(1, -1)).sum(-1) / (
         num_probes * sigma * (2 * torch.pi) ** 0.5
     )
-    mass = torch.trapezoid(density, grid_t)
-    if not bool(mass > 0):
-        raise ValueError("the grid carries no density mass; widen the grid or raise sigma")
-    density = density / mass
-    return SpectralDensity(grid_t, density, nodes, weights, sigma, int(steps.sum()))
+    if default_grid:  # it spans every node +- 5 sigma: only the discretisation is corrected
+        density = density / torch.trapezoid(density, grid_t)
+    # a run that stopped early exhausted its Krylov space: exact for every power
+    full = bool((steps == S).any()) and S < D
+    return SpectralDensity(
+        grid_t, density, nodes, weights, sigma, int(steps.sum()), 2 * S if full else None
+    )
 
 
 def _mask_padding(T: Tensor, steps: Tensor) -> tuple[Tensor, Tensor]:

@@ -5,9 +5,14 @@ reorthogonalisation (two Gram–Schmidt passes per step) that runs on the operat
 it builds a Krylov basis of ``ncv`` vectors, takes the Ritz pairs of the projected matrix,
 and, until the ``k`` wanted Ritz pairs have residual ``||A y - theta y|| <= tol * |theta|_max``,
 restarts from the wanted (plus half of the remaining) Ritz vectors and the residual
-direction (Wu & Simon 2000). Invariant subspaces are continued with a fresh random direction,
-so repeated eigenvalues are found. Lanczos products are one vector each and sequential; it is
-SLQ (:func:`curvkit.spectral_density`) that batches across starting vectors.
+direction (Wu & Simon 2000). Invariant subspaces are continued with a fresh random direction.
+A single starting vector sees one direction of a repeated eigenvalue's eigenspace, so a
+Krylov space misses its other copies (bar rounding): with ``verify=True`` (default) the
+``k`` converged pairs are then locked and Lanczos is run again from a random vector in their
+orthogonal complement; a better eigenvalue found there replaces the least wanted one, and
+this repeats until the complement holds none (one extra ``k = 1`` solve when nothing was
+missed). Lanczos products are one vector each and sequential; it is SLQ
+(:func:`curvkit.spectral_density`) that batches across starting vectors.
 
 ``method="scipy"`` runs ``scipy.sparse.linalg.eigsh`` (ARPACK) on ``A.to_scipy()``, float64
 on the CPU.
@@ -41,6 +46,7 @@ def eigenvalues(
     ncv: int | None = None,
     tol: float | None = None,
     max_restarts: int = 200,
+    verify: bool = True,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The ``k`` extreme eigenvalues of a symmetric operator, in ascending order.
 
@@ -56,6 +62,9 @@ def eigenvalues(
         tol: relative residual tolerance (default ``eps ** 0.75`` of the dtype for Lanczos,
             machine precision for ARPACK).
         max_restarts: Lanczos restarts before giving up with a warning.
+        verify: Lanczos only: search the orthogonal complement of the converged pairs for
+            a better eigenvalue (the other copies of a repeated one, which a Krylov space
+            from one vector misses); ``False`` saves that solve.
 
     Returns:
         ``(k,)`` eigenvalues ascending, or ``(eigenvalues, eigenvectors)`` with eigenvectors
@@ -73,7 +82,10 @@ def eigenvalues(
     if not isinstance(k, int) or not 1 <= k <= D:
         raise ValueError(f"k must be an int in [1, D={D}], got {k!r}")
     if method == "lanczos":
-        vals, vecs = _thick_restart_lanczos(op, k, which, generator, ncv, tol, max_restarts)
+        g, _ = resolve_generator(generator)
+        vals, vecs = _thick_restart_lanczos(op, k, which, g, ncv, tol, max_restarts)
+        if verify:
+            vals, vecs = _search_complement(op, k, which, g, ncv, tol, max_restarts, vals, vecs)
     elif method == "scipy":
         vals, vecs = _scipy_eigsh(op, k, which, generator, ncv, tol)
     else:
@@ -100,28 +112,64 @@ def _orthogonalise(w: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
     return w - V @ h2, h + h2
 
 
-def _random_unit(D: int, g: torch.Generator, op: LinearOperator, V: Tensor | None) -> Tensor:
+def _random_unit(
+    D: int, g: torch.Generator, op: LinearOperator, V: Tensor | None, locked: Tensor | None
+) -> Tensor:
     v = sample_probes((D, 1), "gaussian", g, op.dtype, op.device)[:, 0]
+    if locked is not None:
+        v, _ = _orthogonalise(v, locked)
     if V is not None and V.shape[1] > 0:
         v, _ = _orthogonalise(v, V)
     return v / v.norm()
 
 
-def _thick_restart_lanczos(op, k, which, generator, ncv, tol, max_restarts):
+def _search_complement(op, k, which, g, ncv, tol, max_restarts, vals, vecs):
+    """The ``k`` wanted pairs, with any better eigenvalue in the orthogonal complement of
+    ``vecs`` taken in (see the module docstring); the locked vectors stay orthonormal, as
+    each new one is found in their complement."""
     D = op.shape[0]
-    g, _ = resolve_generator(generator)
+    margin = (torch.finfo(op.dtype).eps ** 0.75 if tol is None else float(tol)) * float(
+        vals.abs().max()
+    )
+    while vecs.shape[1] < D:
+        val, vec = _thick_restart_lanczos(op, 1, which, g, ncv, tol, max_restarts, vecs)
+        worst = int(_preference(vals, which)[-1])
+        if not _better(float(val[0]), float(vals[worst]), which, margin):
+            break  # (by more than the tolerance: a tie would only swap equal eigenvalues)
+        vals = torch.cat([vals[:worst], vals[worst + 1 :], val])
+        vecs = torch.cat([vecs[:, :worst], vecs[:, worst + 1 :], vec], dim=1)
+    return vals, vecs
+
+
+def _better(a: float, b: float, which: str, margin: float) -> bool:
+    """Whether eigenvalue ``a`` is more wanted than ``b`` by more than ``margin``."""
+    if which == "LA":
+        return a > b + margin
+    if which == "SA":
+        return a < b - margin
+    return abs(a) > abs(b) + margin
+
+
+def _thick_restart_lanczos(op, k, which, g, ncv, tol, max_restarts, locked=None):
+    """Thick-restart Lanczos for the ``k`` wanted pairs; with ``locked`` (``(D, L)``
+    orthonormal), in their orthogonal complement."""
+    D = op.shape[0] - (0 if locked is None else locked.shape[1])
     eps = torch.finfo(op.dtype).eps
+    tiny = torch.finfo(op.dtype).tiny
     tol = eps**0.75 if tol is None else float(tol)
     m = min(D, max(2 * k + 1, k + 20) if ncv is None else max(int(ncv), k + 1))
-    V = torch.zeros(D, m + 1, dtype=op.dtype, device=op.device)
+    n = op.shape[0]
+    V = torch.zeros(n, m + 1, dtype=op.dtype, device=op.device)
     T = torch.zeros(m, m, dtype=op.dtype, device=op.device)
-    V[:, 0] = _random_unit(D, g, op, None)
+    V[:, 0] = _random_unit(n, g, op, None, locked)
     p = 0  # number of locked-in (restart) vectors whose rows of T are set
     anorm = torch.zeros((), dtype=op.dtype, device=op.device)
     for restart in range(max_restarts + 1):
         beta = torch.zeros((), dtype=op.dtype, device=op.device)
         for j in range(p, m):
             w = op.matmat(V[:, j])
+            if locked is not None:  # the operator restricted to the complement
+                w, _ = _orthogonalise(w, locked)
             w, h = _orthogonalise(w, V[:, : j + 1])
             T[: j + 1, j] = h
             T[j, : j + 1] = h
@@ -130,9 +178,9 @@ def _thick_restart_lanczos(op, k, which, generator, ncv, tol, max_restarts):
             if j + 1 == D:
                 beta = beta.new_zeros(())
                 V[:, j + 1] = 0
-            elif beta <= D * eps * anorm.clamp_min(eps):
+            elif beta <= D * eps * anorm.clamp_min(tiny):  # relative: any scale of A
                 beta = beta.new_zeros(())  # invariant subspace: continue with a new direction
-                V[:, j + 1] = _random_unit(D, g, op, V[:, : j + 1])
+                V[:, j + 1] = _random_unit(n, g, op, V[:, : j + 1], locked)
             else:
                 V[:, j + 1] = w / beta
         theta, U = torch.linalg.eigh((T + T.T) / 2)
@@ -231,7 +279,7 @@ def lanczos_tridiag(
         scale = torch.maximum(scale, a.abs() + b)
         if j + 1 == num_steps:
             break
-        active = active & (b > D * eps * scale.clamp_min(eps))
+        active = active & (b > D * eps * scale.clamp_min(torch.finfo(op.dtype).tiny))
         b = torch.where(active, b, torch.zeros_like(b))
         beta[:, j] = b
         v_prev = v

@@ -104,8 +104,17 @@ def capture(
     with on_capture_stream(device):
         run()
     graph = torch.cuda.CUDAGraph()
-    with _stale_streams_redirected(), torch.cuda.graph(graph, stream=stream):
-        outputs = run()
+    before = torch.cuda.current_stream(device)
+    try:
+        with _stale_streams_redirected(), torch.cuda.graph(graph, stream=stream):
+            outputs = run()
+    except BaseException:
+        # torch.cuda.graph ends the capture before it leaves the stream: a capture that
+        # fails to end would leave this thread's work (the fallback's, the user's) on the
+        # capture stream
+        torch.cuda.set_stream(before)
+        torch.cuda.synchronize(device)
+        raise
     return outputs, graph.replay
 
 

@@ -36,7 +36,7 @@ cat "$OUT/env.txt"
 python3 -c "import curvkit, curvlinops, backpack" || exit 1
 
 echo "== CUDA oracle tests ($(left) s left)"
-timeout 150 python3 -m pytest -q -rfE --durations=5 -p no:cacheprovider tests/test_cuda.py \
+timeout -s INT 150 python3 -m pytest -q -rfE --durations=5 -p no:cacheprovider tests/test_cuda.py \
     >"$OUT/tests.log" 2>&1
 tail -25 "$OUT/tests.log"
 

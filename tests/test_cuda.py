@@ -172,7 +172,10 @@ def test_graphed_backend_captures_and_replays_on_cuda(spec):
     assert H.replay.replays == 1 + 4
     with torch.no_grad():
         next(case.model.parameters()).mul_(1.5)
-    changed = (dense_hessian(case) @ V.cpu()).cuda()
+    reference = make_case(*spec)  # the oracle runs on the CPU (the case's model is on CUDA)
+    with torch.no_grad():
+        next(reference.model.parameters()).mul_(1.5)
+    changed = (dense_hessian(reference) @ V.cpu()).cuda()
     for _ in range(3):
         assert rel_err(H @ V, changed) < TOL
     assert H.replay is not None and H.replay.replays == 2 * 4  # captured at the second
@@ -292,3 +295,24 @@ def test_an_isolated_product_on_cuda_peaks_where_plain_double_backward_does():
     reference = peak(plain)
     result_bytes = v.numel() * v.element_size()
     assert peak(lambda: op @ v) <= reference + 2 * result_bytes + 2**16
+
+
+def test_a_failed_capture_leaves_this_thread_on_its_stream():
+    """torch.cuda.graph ends the capture before it leaves the capture stream: a capture that
+    fails (here on a host synchronisation, illegal while capturing) must not leave the
+    caller's later work on curvkit's capture stream."""
+    from curvkit import cuda_graphs
+
+    device = torch.device("cuda")
+    x = torch.ones(4, device=device)
+
+    def run():
+        y = x * 2
+        y.sum().item()  # fine uncaptured (the warm-up), illegal under capture
+        return [y]
+
+    before = torch.cuda.current_stream(device)
+    with pytest.raises(Exception):  # noqa: B017 (CUDA's error type varies by version)
+        cuda_graphs.capture(run, device)
+    assert torch.cuda.current_stream(device) == before
+    assert float((x * 3).sum()) == 12.0  # the device still works

@@ -11,6 +11,7 @@ differ from sample to sample. For a sum-reduced loss every weight is 1.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,8 @@ def loss_reduction(loss_fn: Any, reduction: str | None) -> str:
     """The loss's reduction, ``"mean"`` or ``"sum"``: ``loss_fn.reduction``, else the
     argument (which must agree with the loss where the loss has one)."""
     own = getattr(loss_fn, "reduction", None)
+    if own == "batchmean":  # KLDivLoss: the sum over a batch divided by its samples
+        own = "mean"
     if reduction is not None and own is not None and reduction != own:
         raise ValueError(
             f"reduction={reduction!r} contradicts loss_fn.reduction={own!r}; the operator "
@@ -154,7 +157,7 @@ class Batches:
             n = batch_size_of(y)
             count += n
             if self.total_count is not None:
-                share = float(counted_targets(self.loss_fn, y).sum())
+                share = self._counted(y)
                 if share == 0:
                     continue  # all its targets ignored: the batch adds nothing (its loss is 0/0)
                 yield X, y, share / self.total_count
@@ -166,6 +169,17 @@ class Batches:
                 f"the data changed between passes ({count} samples now, {self.num_samples} "
                 "at construction); a DataLoader with drop_last and shuffling can do this"
             )
+
+    def _counted(self, y: Tensor) -> float:
+        """The targets ``y`` counts, read back once per targets tensor: a list of batches
+        passes the same tensors every product (a DataLoader makes new ones each pass)."""
+        cache = self.__dict__.setdefault("_counts", {})
+        hit = cache.get(id(y))
+        if hit is not None and hit[0]() is y and hit[1] == y._version:
+            return hit[2]
+        share = float(counted_targets(self.loss_fn, y).sum())  # a host sync on CUDA
+        cache[id(y)] = (weakref.ref(y), y._version, share)
+        return share
 
     def __len__(self) -> int:
         return len(self.sizes)

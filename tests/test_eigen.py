@@ -133,3 +133,29 @@ def test_the_scale_of_the_operator_does_not_matter(scale):
     torch.testing.assert_close(top / scale, lam[-2:], atol=1e-9, rtol=0)
     d = ck.spectral_density(A, num_probes=4, num_steps=30, generator=torch.Generator())
     assert d.num_matvecs == 4 * 30  # no run mistaken for exhausted
+
+
+def test_the_complement_search_of_a_low_rank_operator_stops_at_once():
+    """Beyond a GGN's rank the complement is (nearly) zero: its search is judged on the
+    operator's scale, not on its own rounding (it had run 200 restarts and warned)."""
+    import warnings
+
+    g = torch.Generator().manual_seed(0)
+    J = torch.randn(4, 83, generator=g, dtype=torch.float64)
+    A = J.T @ J  # rank 4
+    counted = []
+
+    class Counting(ck.LinearOperator):
+        def __init__(self):
+            super().__init__((83, 83), A.dtype, A.device, symmetric=True, psd=True)
+
+        def _matmat(self, V):
+            counted.append(V.shape[1])
+            return A @ V
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        vals = ck.eigenvalues(Counting(), 6, generator=torch.Generator().manual_seed(1))
+    expected = torch.linalg.eigvalsh(A)[-6:]
+    torch.testing.assert_close(vals, expected, atol=1e-9, rtol=0)
+    assert sum(counted) < 200

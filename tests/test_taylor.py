@@ -344,6 +344,22 @@ def test_hutchinson_keeps_its_default_group_after_the_trial():
     assert run(32).info.get("group_size", 1) == 1  # a new m: settled afresh, now by v^T (A v)
 
 
+def test_a_lowered_memory_budget_settles_the_hutchinson_group_again():
+    case = make_case("mlp-tanh", "mse-sum", [6])
+    op = ck.HessianOperator(
+        case.model, case.loss_fn, case.data, quadratic_form_method="taylor",
+        memory_budget=float("inf"),
+    )  # fmt: skip
+
+    def group():
+        g = torch.Generator().manual_seed(0)
+        return ck.trace(op, "hutchinson", 128, g).info.get("group_size", 1)
+
+    assert group() == 16
+    op.memory_budget = op.taylor_memory["base"] + 2 * op.taylor_memory["per_probe"]
+    assert group() == 2  # a pass holds two probes now
+
+
 # ---------------------------------------------------------------------- Gauss-Newton
 def test_ggn_forms_by_the_linearised_model(case):
     from tests.test_ggn import dense_ggn

@@ -169,3 +169,44 @@ def test_building_over_a_shuffling_loader_leaves_the_global_rng(setup):
     torch.manual_seed(0)
     H @ torch.ones(H.shape[0])
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_kl_divergence_with_batchmean_is_a_mean_loss():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), nn.LogSoftmax(-1))
+    model = model.double()
+    X = torch.randn(12, 4, dtype=torch.float64)
+    T = torch.softmax(torch.randn(12, 3, dtype=torch.float64), -1)
+    loss = nn.KLDivLoss(reduction="batchmean")
+    whole = ck.HessianOperator(model, loss, (X, T)).to_dense()
+    for reduction in (None, "mean"):
+        split = ck.HessianOperator(model, loss, [(X[:5], T[:5]), (X[5:], T[5:])],
+                                   reduction=reduction)  # fmt: skip
+        torch.testing.assert_close(split.to_dense(), whole)
+    with pytest.raises(ValueError, match="contradicts"):
+        ck.HessianOperator(model, loss, (X, T), reduction="sum")
+
+
+def test_counted_targets_are_read_back_once_per_batch(monkeypatch):
+    """Weights by counted targets need a host sync per batch; a list of batches passes the
+    same tensors every product, so each is read back once, not once per product."""
+    import curvkit.data as data_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    X, y = torch.randn(9, 3), torch.randint(0, 3, (9,))
+    y[:2] = -100
+    batches = [(X[:3], y[:3]), (X[3:6], y[3:6]), (X[6:], y[6:])]
+    calls = [0]
+    counted = data_module.counted_targets
+
+    def spy(loss_fn, t):
+        calls[0] += 1
+        return counted(loss_fn, t)
+
+    monkeypatch.setattr(data_module, "counted_targets", spy)
+    H = ck.HessianOperator(model, nn.CrossEntropyLoss(), batches, backend="double-backward")
+    built = calls[0]
+    for _ in range(3):
+        H @ torch.ones(H.shape[0])
+    assert calls[0] - built == len(batches)

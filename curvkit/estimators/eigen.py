@@ -131,8 +131,9 @@ def _search_complement(op, k, which, g, ncv, tol, max_restarts, vals, vecs):
     margin = (torch.finfo(op.dtype).eps ** 0.75 if tol is None else float(tol)) * float(
         vals.abs().max()
     )
+    floor = vals.abs().max()  # the complement's Ritz values are judged on A's scale
     while vecs.shape[1] < D:
-        val, vec = _thick_restart_lanczos(op, 1, which, g, ncv, tol, max_restarts, vecs)
+        val, vec = _thick_restart_lanczos(op, 1, which, g, ncv, tol, max_restarts, vecs, floor)
         worst = int(_preference(vals, which)[-1])
         if not _better(float(val[0]), float(vals[worst]), which, margin):
             break  # (by more than the tolerance: a tie would only swap equal eigenvalues)
@@ -150,9 +151,11 @@ def _better(a: float, b: float, which: str, margin: float) -> bool:
     return abs(a) > abs(b) + margin
 
 
-def _thick_restart_lanczos(op, k, which, g, ncv, tol, max_restarts, locked=None):
+def _thick_restart_lanczos(op, k, which, g, ncv, tol, max_restarts, locked=None, floor=None):
     """Thick-restart Lanczos for the ``k`` wanted pairs; with ``locked`` (``(D, L)``
-    orthonormal), in their orthogonal complement."""
+    orthonormal), in their orthogonal complement. ``floor``: the scale of ``A`` below which
+    its residuals and breakdowns are measured (the complement of a low-rank operator's
+    locked pairs is nearly zero, and relative to its own rounding it never converges)."""
     D = op.shape[0] - (0 if locked is None else locked.shape[1])
     eps = torch.finfo(op.dtype).eps
     tiny = torch.finfo(op.dtype).tiny
@@ -164,6 +167,8 @@ def _thick_restart_lanczos(op, k, which, g, ncv, tol, max_restarts, locked=None)
     V[:, 0] = _random_unit(n, g, op, None, locked)
     p = 0  # number of locked-in (restart) vectors whose rows of T are set
     anorm = torch.zeros((), dtype=op.dtype, device=op.device)
+    if floor is not None:
+        anorm = torch.maximum(anorm, torch.as_tensor(floor, dtype=op.dtype, device=op.device))
     for restart in range(max_restarts + 1):
         beta = torch.zeros((), dtype=op.dtype, device=op.device)
         for j in range(p, m):
@@ -187,7 +192,7 @@ def _thick_restart_lanczos(op, k, which, g, ncv, tol, max_restarts, locked=None)
         order = _preference(theta, which)
         wanted = order[:k]
         residual = (beta * U[-1, wanted]).abs()
-        scale = theta.abs().max().clamp_min(torch.finfo(op.dtype).tiny)
+        scale = torch.maximum(theta.abs().max(), anorm).clamp_min(torch.finfo(op.dtype).tiny)
         if m == D or bool((residual <= tol * scale).all()):
             break
         if restart == max_restarts:

@@ -15,10 +15,10 @@ Methods (``TRACE_METHODS``), each counting its cost in matvecs (columns pushed t
     (``collapses_quadratic_forms``), the largest ``g`` dividing ``m`` that leaves at least
     ``MIN_GROUPS = 8`` groups, at most 16 and at most the operator's
     ``max_collapsed_group`` (what one pass holds within its memory budget), and 1
-    otherwise. An operator keeps the group it first settled on for ``m`` probes
-    (``default_group_sizes``): under ``"auto"`` its timed trial may later find ``v^T (A v)``
-    faster than Taylor mode, and the same call with the same seed still returns the same
-    estimate with the same standard error and degrees of freedom.
+    otherwise. An operator keeps the group it first settled on for ``m`` probes and its
+    memory budget (``default_group_sizes``): under ``"auto"`` its timed trial may later find
+    ``v^T (A v)`` faster than Taylor mode, and the same call with the same seed still
+    returns the same estimate with the same standard error and degrees of freedom.
 ``"hutch++"``
     Meyer–Musco–Musco–Woodruff: ``k = m // 3`` sketch products, ``k`` products for
     ``A Q``, the remaining ``m - 2k`` as Hutchinson probes of the deflated
@@ -185,15 +185,17 @@ def hutchinson_group_size(A: LinearOperator, m: int, group_size: int | None) -> 
     """The probe group size of a Hutchinson run with ``m`` probes (see module docstring)."""
     if group_size is None:
         settled = getattr(A, "default_group_sizes", None)
-        if settled is not None and m in settled:
-            return settled[m]
+        # settled per budget too: a lowered memory budget must not keep a larger group
+        key = (m, getattr(A, "memory_budget", None))
+        if settled is not None and key in settled:
+            return settled[key]
         group = 1
         if getattr(A, "collapses_quadratic_forms", False):
             most = min(MAX_DEFAULT_GROUP, getattr(A, "max_collapsed_group", MAX_DEFAULT_GROUP))
             fits = [g for g in range(1, most + 1) if m % g == 0 and m // g >= MIN_GROUPS]
             group = max(fits, default=1)
         if settled is not None:
-            settled[m] = group
+            settled[key] = group
         return group
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")

@@ -61,8 +61,8 @@ class TaylorQuadraticForms:
         quadratic_form_choice: the method in use (``None`` before ``"auto"``'s trial).
         quadratic_form_trial: the trial's seconds per method, or why Taylor mode was
             dropped.
-        default_group_sizes: Hutchinson's default probe group per number of probes, as
-            first settled on this operator (``curvkit.estimators.trace``).
+        default_group_sizes: Hutchinson's default probe group per number of probes and
+            memory budget, as first settled on this operator (``curvkit.estimators.trace``).
     """
 
     #: propagate the model to first order only (the GGN's linearised model)
@@ -73,7 +73,7 @@ class TaylorQuadraticForms:
         self.quadratic_form_method = method
         self.quadratic_form_choice: str | None = None if method == "auto" else method
         self.quadratic_form_trial: dict[str, float | str] = {}
-        self.default_group_sizes: dict[int, int] = {}
+        self.default_group_sizes: dict[tuple, int] = {}
         self._taylor_memory: dict[str, int] | None = None
         self._gradient_peak: int | None = None
 

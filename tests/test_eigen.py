@@ -159,3 +159,29 @@ def test_the_complement_search_of_a_low_rank_operator_stops_at_once():
     expected = torch.linalg.eigvalsh(A)[-6:]
     torch.testing.assert_close(vals, expected, atol=1e-9, rtol=0)
     assert sum(counted) < 200
+
+
+def test_the_complement_search_stops_once_nothing_there_can_pass():
+    """Where nothing was missed, the search costs a few products, not a converged solve:
+    it stops once its Ritz pair, within its residual, cannot beat the k-th eigenvalue."""
+    g = torch.Generator().manual_seed(3)
+    lam = torch.cat([torch.tensor([5.0, 4.0, 3.0]), torch.linspace(-1, 1, 197)]).double()
+    Q, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))
+    A = (Q * lam) @ Q.T
+    counts = {}
+    for verify in (False, True):
+        op = _Counting(A)
+        vals = ck.eigenvalues(op, 3, generator=torch.Generator().manual_seed(0), verify=verify)
+        torch.testing.assert_close(vals, lam[:3].flip(0), atol=1e-9, rtol=0)
+        counts[verify] = op.columns
+    assert counts[True] - counts[False] <= 12, counts
+
+
+class _Counting(ck.LinearOperator):
+    def __init__(self, A):
+        super().__init__(tuple(A.shape), A.dtype, A.device, symmetric=True)
+        self.A, self.columns = A, 0
+
+    def _matmat(self, V):
+        self.columns += V.shape[1]
+        return self.A @ V

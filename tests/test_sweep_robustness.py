@@ -225,3 +225,34 @@ def test_non_finite_values_and_failing_figures_spare_the_others(traced, tmp_path
         result = run_sweep(parse_config(TRACED), output=tmp_path / "s", progress=False)
     assert (tmp_path / "s" / "sweep.json").exists()
     assert {p.stem for p in result.figures} == {"b_vs_curvature_batch"}
+
+
+@pytest.mark.parametrize("alone", ["row_sum", "ggn_residual"])
+def test_a_quantity_that_reuses_anothers_options_runs_alone(tmp_path, alone):
+    """row_sum reads the diagonal's options and ggn_residual the Frobenius norm's; measured
+    without them they take those quantities' defaults (a KeyError mid-sweep before)."""
+    cfg = parse_config(tiny(quantities={"measure": [alone]}))
+    run_sweep(cfg, output=tmp_path / "out", progress=False, figures=False, max_points=1)
+    m = load_tables(tmp_path / "out")["measurements"]
+    assert len(m) and bool(np.isfinite(m["value"]).all())
+
+
+def test_error_bars_say_their_degrees_of_freedom(tmp_path):
+    """A trace by Hutch++ rests on a handful of samples: its dof goes into the table (t
+    intervals); the SLQ negative mass gets a spread over probes, not a zero stderr."""
+    cfg = parse_config(
+        tiny(
+            quantities={
+                "measure": ["trace", "density", "frobenius"],
+                "trace": {"method": "hutch++", "num_matvecs": 12},
+                "density": {"num_probes": 4, "num_steps": 10},
+            }
+        )
+    )
+    run_sweep(cfg, output=tmp_path / "out", progress=False, figures=False, max_points=2)
+    m = load_tables(tmp_path / "out")["measurements"].set_index("quantity")
+    assert (m.loc["trace", "dof"] == 3).all()  # 12 // 3 = 4 Hutchinson probes
+    neg = m.loc["density_negative_mass"]
+    assert (neg["dof"] == 3).all() and (neg["stderr"] >= 0).all()
+    assert bool(np.isfinite(neg["stderr"]).all())
+    assert m.loc["frobenius_norm", "dof"].notna().all()

@@ -95,12 +95,16 @@ class Measured:
         method: str = "",
         num_matvecs: int = 0,
         cost: float | None = None,
+        dof: int | None = None,
     ) -> None:
+        """``dof``: degrees of freedom of ``stderr`` where it is a sample's (intervals then
+        take t quantiles: Hutch++ at a small budget has a handful), NaN otherwise."""
         self.rows.append(
             {
                 "quantity": quantity,
                 "value": float(value),
                 "stderr": float(stderr),
+                "dof": float("nan") if dof is None else float(dof),
                 "method": method,
                 "num_matvecs": int(num_matvecs),
                 "cost": float(num_matvecs if cost is None else cost),
@@ -249,7 +253,7 @@ def q_trace(ctx: PointContext, opt: dict) -> Measured:
         generator=ctx.generator("trace"),
     )
     ctx.cache["trace"] = est
-    m.add("trace", _f(est.value), _f(est.stderr), est.method, est.num_matvecs, est.cost)
+    m.add("trace", _f(est.value), _f(est.stderr), est.method, est.num_matvecs, est.cost, est.dof)
     return m
 
 
@@ -304,7 +308,13 @@ def q_density(ctx: PointContext, opt: dict) -> Measured:
     out = ck.spectral_density(op, generator=ctx.generator("density"), **kwargs)
     grid, dens = (torch.as_tensor(t).detach().cpu().double() for t in (out[0], out[1]))
     neg = float(torch.trapezoid(torch.where(grid < 0, dens, 0.0), grid))
-    m.add("density_negative_mass", neg, 0.0, "slq", op.count)
+    # each probe's smoothed mass below zero, in closed form: their spread is the error
+    nodes, weights = (torch.as_tensor(t).detach().cpu().double() for t in (out[2], out[3]))
+    below = torch.special.ndtr(-nodes / out.sigma)
+    per_probe = (weights * below).sum(-1)
+    P = per_probe.numel()
+    stderr = float(per_probe.std(unbiased=True) / P**0.5) if P > 1 else float("nan")
+    m.add("density_negative_mass", neg, stderr, "slq", op.count, dof=P - 1 if P > 1 else None)
     m.tables["density"] = [
         {"grid": float(g), "density": float(d)} for g, d in zip(grid.tolist(), dens.tolist())
     ]
@@ -360,9 +370,16 @@ def q_diagonal(ctx: PointContext, opt: dict) -> Measured:
     return m
 
 
+def _options(ctx: PointContext, name: str) -> dict[str, Any]:
+    """The options of quantity ``name``: the config's where it is measured, else its
+    defaults (``row_sum`` uses the diagonal's, ``ggn_residual`` the Frobenius norm's)."""
+    options = ctx.cache["options"].get(name)
+    return dict(QUANTITIES[name].defaults) if options is None else options
+
+
 def q_row_sum(ctx: PointContext, opt: dict) -> Measured:
     m = Measured()
-    est = hessian_diagonal(ctx, ctx.cache["options"]["diagonal"])
+    est = hessian_diagonal(ctx, _options(ctx, "diagonal"))
     r = ck.row_sum(ctx.H).detach().double().cpu()
     d, s = est.value.detach().double().cpu(), est.stderr.detach().double().cpu()
     s = torch.nan_to_num(s, nan=0.0)
@@ -390,15 +407,23 @@ def _frobenius_of_h(ctx: PointContext, opt: dict) -> ck.Estimate:
 def q_frobenius(ctx: PointContext, opt: dict) -> Measured:
     m = Measured()
     est = _frobenius_of_h(ctx, opt)
-    m.add("frobenius_norm", _f(est.value), _f(est.stderr), est.method, est.num_matvecs, est.cost)
+    m.add(
+        "frobenius_norm",
+        _f(est.value),
+        _f(est.stderr),
+        est.method,
+        est.num_matvecs,
+        est.cost,
+        est.dof,
+    )
     return m
 
 
 def q_ggn_residual(ctx: PointContext, opt: dict) -> Measured:
     m = Measured()
-    fro_opt = dict(ctx.cache["options"]["frobenius"])
+    fro_opt = dict(_options(ctx, "frobenius"))
     fro_opt["num_matvecs"] = opt["num_matvecs"]
-    if ctx.cache["options"]["frobenius"]["num_matvecs"] != opt["num_matvecs"]:
+    if _options(ctx, "frobenius")["num_matvecs"] != opt["num_matvecs"]:
         ctx.cache.pop("frobenius", None)
     h = _frobenius_of_h(ctx, fro_opt)
     residual_cls = getattr(ck, "ResidualOperator", None)

@@ -16,7 +16,8 @@ Seeds (all derived from the grid seed with :func:`derive_seed`, so they do not d
 - estimators: ``(seed, model, train_batch_size, step, curvature_batch_size, draw)`` plus a
   per-quantity purpose string.
 
-Same config and seed therefore give the same numbers (timings aside), whether the sweep runs
+Same config and seed therefore give the same numbers (timings aside; to rounding, since the
+operators' timed "auto" backend choice may differ between runs), whether the sweep runs
 in one go, resumed, or split into shards. A folder resumed with a changed grid consolidates
 to the tables of a fresh run of the new config (:func:`grid_selection`): finished points
 outside the grid are left out (kept on disk), ``where`` first/last resolves against the new
@@ -324,6 +325,7 @@ def measure_point(
                 "quantity",
                 "value",
                 "stderr",
+                "dof",
                 "method",
                 "num_matvecs",
                 "cost",

@@ -125,6 +125,7 @@ class Batches:
             raise ValueError("data holds no samples (all batches have size 0)")
         # weights by counted targets only where samples count differently (a sync per batch)
         self.total_count: float | None = None
+        self._counts: dict[int, tuple] = {}  # id(y) -> (weak ref, version, count)
         if self.reduction == "mean" and len(self.sizes) > 1:
             counts = [counted_targets(self.loss_fn, y) for y in targets]
             if all(c is not None for c in counts):
@@ -160,9 +161,9 @@ class Batches:
                 share = self._counted(y)
                 if share == 0:
                     continue  # all its targets ignored: the batch adds nothing (its loss is 0/0)
-                yield X, y, share / self.total_count
-                continue
-            weight = n / self.num_samples if self.reduction == "mean" else 1.0
+                weight = share / self.total_count
+            else:
+                weight = n / self.num_samples if self.reduction == "mean" else 1.0
             yield X, y, weight
         if count != self.num_samples:
             raise RuntimeError(
@@ -173,7 +174,7 @@ class Batches:
     def _counted(self, y: Tensor) -> float:
         """The targets ``y`` counts, read back once per targets tensor: a list of batches
         passes the same tensors every product (a DataLoader makes new ones each pass)."""
-        cache = self.__dict__.setdefault("_counts", {})
+        cache = self._counts
         hit = cache.get(id(y))
         if hit is not None and hit[0]() is y and hit[1] == y._version:
             return hit[2]

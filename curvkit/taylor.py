@@ -784,10 +784,9 @@ def _conv(func, args, kwargs):
     x, W, b = bound.pop("input"), bound.pop("weight"), bound.pop("bias", None)
     conv = functools.partial(func, **bound)
     cross = None
-    if bound.get("groups", 1) == 1:
+    # one grouped convolution for the cross term; not for an unbatched input (C, *spatial)
+    if bound.get("groups", 1) == 1 and _p0(x).ndim == _p0(W).ndim:
         cross = functools.partial(_conv_cross, conv)
-    if _p0(x).ndim == _p0(W).ndim - 1:  # an unbatched input (C, *spatial)
-        cross = None
     out = _bilinear(conv, x, W, cross)
     if b is None:
         return out
